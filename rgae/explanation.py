@@ -1,0 +1,267 @@
+"""The result of an attribution: raw relevance tensors plus everything needed to read and reproduce them.
+
+Maps are stored **unnormalized** (R-GAE is not scale invariant; normalizing is a display decision made in
+:mod:`rgae.viz`). Shapes use T = target tokens, M = projector queries (image tokens seen by the LLM),
+N = vision patches (``patch_grid[0] * patch_grid[1]``), S = LLM sequence length.
+
+Example:
+    >>> import torch
+    >>> from rgae import Explanation
+    >>> e = Explanation(
+    ...     method="rgae", target_text="a red circle", output_tokens=["a", "red", "circle"],
+    ...     text_to_patch=torch.rand(3, 16), patch_grid=(4, 4))
+    >>> e.seq_attr.shape, e.patch_map().shape, e.words
+    (torch.Size([16]), torch.Size([4, 4]), ['a', 'red', 'circle'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deco_models.io import atomic_write
+
+_TENSOR_FIELDS = (
+    "text_to_query",
+    "query_to_patch",
+    "text_to_patch",
+    "token_ids",
+    "token_probs",
+    "input_ids",
+    "pixel_values",
+    "target_positions",
+    "image_positions",
+)
+
+# SentencePiece ("▁") and byte-level BPE ("Ġ") mark the start of a word on the token itself.
+_WORD_START_MARKERS = ("▁", "Ġ", " ")
+
+
+@dataclass
+class Explanation:
+    """Relevance of a target text to the image, per target token and for the whole sentence.
+
+    Attributes:
+        method: ``"rgae"``, ``"rawattn"``, ``"rollout"``, ``"gradcam"``, ``"occlusion"``, ...
+        target_text: the explained text (teacher-forced target or the model's own answer).
+        output_tokens: the T target tokens as strings (captum's name).
+        text_to_patch: ``[T, N]`` Text-to-Patch relevance per target token (captum: ``token_attr``).
+        patch_grid: ``(grid_h, grid_w)`` of the vision patches, row-major flattening.
+        text_to_query: ``[T, M]`` Text-to-Query relevance (None for methods without a query stage).
+        query_to_patch: ``[M, N]`` Query-to-Patch map of the projector (None when not defined).
+        query_grid: ``(q_h, q_w)`` of the projector queries.
+        token_ids: ``[T]`` target token ids; token_probs: ``[T]`` their teacher-forced probabilities.
+        word_ids: for each target token, the index of the word it belongs to (subwords merged).
+        image: ``uint8 [H, W, 3]`` the image as the model saw it (after pad/resize).
+        content_box: ``(x0, y0, x1, y1)`` of the original image inside ``image`` (pixels; the padding is outside).
+        input_ids, pixel_values, target_positions, image_positions: reproduce the forward pass.
+        prompt: the rendered prompt; projector_type: the projector spec string; model_name: free text.
+        options: the method's options (JSON-serializable).
+    """
+
+    method: str
+    target_text: str
+    output_tokens: list[str]
+    text_to_patch: torch.Tensor
+    patch_grid: tuple[int, int]
+    text_to_query: torch.Tensor | None = None
+    query_to_patch: torch.Tensor | None = None
+    query_grid: tuple[int, int] | None = None
+    token_ids: torch.Tensor | None = None
+    token_probs: torch.Tensor | None = None
+    word_ids: list[int] | None = None
+    image: np.ndarray | None = None
+    content_box: tuple[int, int, int, int] | None = None
+    input_ids: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    target_positions: torch.Tensor | None = None
+    image_positions: torch.Tensor | None = None
+    prompt: str | None = None
+    projector_type: str | None = None
+    model_name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.patch_grid = tuple(int(v) for v in self.patch_grid)
+        if self.query_grid is not None:
+            self.query_grid = tuple(int(v) for v in self.query_grid)
+        if self.content_box is not None:
+            self.content_box = tuple(int(v) for v in self.content_box)
+        t = len(self.output_tokens)
+        n = self.patch_grid[0] * self.patch_grid[1]
+        if self.text_to_patch.ndim != 2 or tuple(self.text_to_patch.shape) != (t, n):
+            raise ValueError(
+                f"text_to_patch must be [T={t}, N={n}] (T target tokens, N = patch_grid {self.patch_grid}), "
+                f"got {tuple(self.text_to_patch.shape)}"
+            )
+        if self.word_ids is None:
+            self.word_ids = _word_ids_from_tokens(self.output_tokens)
+        if len(self.word_ids) != t:
+            raise ValueError(f"word_ids must have one entry per target token ({t}), got {len(self.word_ids)}")
+
+    # ---- captum vocabulary -------------------------------------------------------------------------------
+    @property
+    def token_attr(self) -> torch.Tensor:
+        """``[T, N]`` per-token attribution over patches (alias of ``text_to_patch``)."""
+        return self.text_to_patch
+
+    @property
+    def seq_attr(self) -> torch.Tensor:
+        """``[N]`` sentence-level attribution over patches (alias of ``sentence_text_to_patch``)."""
+        return self.sentence_text_to_patch
+
+    # ---- sentence and word maps --------------------------------------------------------------------------
+    @property
+    def sentence_text_to_patch(self) -> torch.Tensor:
+        """``[N]``: the per-step maps averaged over the target tokens (the paper's sentence map)."""
+        return self.text_to_patch.mean(dim=0)
+
+    @property
+    def sentence_text_to_query(self) -> torch.Tensor | None:
+        """``[M]``: the per-step Text-to-Query maps averaged over the target tokens."""
+        return None if self.text_to_query is None else self.text_to_query.mean(dim=0)
+
+    @property
+    def words(self) -> list[str]:
+        """The target's words: subword tokens merged, markers stripped."""
+        out: list[str] = []
+        for tok, wid in zip(self.output_tokens, self.word_ids):
+            piece = tok
+            if wid >= len(out):
+                out.append(piece.lstrip("".join(_WORD_START_MARKERS)))
+            else:
+                out[wid] += piece
+        return out
+
+    def word_tokens(self, word: int | str) -> list[int]:
+        """Indices of the target tokens that make up ``word`` (its index, or its text: first match)."""
+        if isinstance(word, str):
+            try:
+                word = self.words.index(word)
+            except ValueError:
+                raise KeyError(f"word {word!r} is not in the target; words are {self.words}") from None
+        idx = [i for i, w in enumerate(self.word_ids) if w == word]
+        if not idx:
+            raise IndexError(f"word index {word} out of range (the target has {len(self.words)} words)")
+        return idx
+
+    def word_text_to_patch(self, word: int | str) -> torch.Tensor:
+        """``[N]``: a word's map, the mean of its subword tokens' maps."""
+        return self.text_to_patch[self.word_tokens(word)].mean(dim=0)
+
+    def word_text_to_query(self, word: int | str) -> torch.Tensor | None:
+        if self.text_to_query is None:
+            return None
+        return self.text_to_query[self.word_tokens(word)].mean(dim=0)
+
+    def patch_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
+        """``[grid_h, grid_w]`` Text-to-Patch map of one token, one word, or (default) the sentence."""
+        if token is not None and word is not None:
+            raise ValueError("give token= or word=, not both")
+        if token is not None:
+            flat = self.text_to_patch[token]
+        elif word is not None:
+            flat = self.word_text_to_patch(word)
+        else:
+            flat = self.sentence_text_to_patch
+        return flat.reshape(self.patch_grid)
+
+    def query_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor | None:
+        """``[q_h, q_w]`` Text-to-Query map of one token, one word, or the sentence (None without queries)."""
+        if self.text_to_query is None or self.query_grid is None:
+            return None
+        if token is not None:
+            flat = self.text_to_query[token]
+        elif word is not None:
+            flat = self.word_text_to_query(word)
+        else:
+            flat = self.sentence_text_to_query
+        return flat.reshape(self.query_grid)
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().cpu().contiguous()
+        if self.image is not None:
+            tensors["image"] = torch.from_numpy(np.ascontiguousarray(self.image))
+        meta = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in _TENSOR_FIELDS and f.name != "image"
+        }
+        atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Explanation:
+        """Read an explanation written by :meth:`save` (safetensors + JSON; no pickle)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file, tensor_file = path / "explanation.json", path / "tensors.safetensors"
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)")
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(str(tensor_file))
+        image = tensors.pop("image", None)
+        for key in ("patch_grid", "query_grid", "content_box"):
+            if meta.get(key) is not None:
+                meta[key] = tuple(meta[key])
+        return cls(**meta, **tensors, image=None if image is None else image.numpy())
+
+    # ---- display -----------------------------------------------------------------------------------------
+    def plot(self, kind: str = "decomposition", **kwargs):
+        """A matplotlib Figure of this explanation; ``kind`` is one of :func:`rgae.viz.plot` kinds."""
+        from rgae import viz
+
+        return viz.plot(self, kind=kind, **kwargs)
+
+    def _repr_png_(self) -> bytes | None:
+        import io
+
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+
+            fig = self.plot()
+        except Exception:  # a repr must never raise in a notebook
+            return None
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    def __repr__(self) -> str:
+        q = "" if self.text_to_query is None else f", queries={tuple(self.text_to_query.shape[1:])}"
+        return (
+            f"Explanation(method={self.method!r}, target={self.target_text!r}, tokens={len(self.output_tokens)}, "
+            f"patch_grid={self.patch_grid}{q}, projector={self.projector_type!r})"
+        )
+
+
+def _word_ids_from_tokens(tokens: list[str]) -> list[int]:
+    """Group tokens into words: a token starts a new word if it carries a word-start marker (or is the first)."""
+    ids, current = [], -1
+    has_markers = any(t.startswith(_WORD_START_MARKERS) for t in tokens)
+    for i, tok in enumerate(tokens):
+        if i == 0 or not has_markers or tok.startswith(_WORD_START_MARKERS):
+            current += 1
+        ids.append(current)
+    return ids
