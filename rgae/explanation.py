@@ -215,7 +215,9 @@ class Explanation:
         path = Path(path)
         meta_file, tensor_file = path / "explanation.json", path / "tensors.safetensors"
         if not meta_file.is_file() or not tensor_file.is_file():
-            raise FileNotFoundError(f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)")
+            raise FileNotFoundError(
+                f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)"
+            )
         meta = json.loads(meta_file.read_text())
         tensors = load_file(str(tensor_file))
         image = tensors.pop("image", None)
