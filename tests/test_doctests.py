@@ -9,6 +9,9 @@ MODULES = [
     "rgae.explanation",
     "rgae.rules",
     "deco_models.projectors.registry",
+    "deco_models.eval.scorers",
+    "deco_models.eval.rec",
+    "deco_models.eval.tasks",
 ]
 
 

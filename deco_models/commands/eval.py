@@ -1,0 +1,160 @@
+"""``deco eval``: answer a benchmark's questions with a deco model (or read existing answers) and score them.
+
+Examples::
+
+    deco eval --task pope --data pope.jsonl --model checkpoints/deco-avgpool --image-folder val2014 --out pope.json
+    deco eval --task vqav2 --data vqav2_val.jsonl --predictions answers.jsonl --out vqav2.json
+
+Answers go to ``--answers-file`` (default: next to ``--out``, ``<out stem>.answers.jsonl``) as they are generated; run
+the same command again after an interruption and answered questions are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from deco_models.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    from deco_models.conversation import TEMPLATES
+    from deco_models.eval.generation import ON_MISSING_IMAGE
+    from deco_models.eval.tasks import BOX_FRAMES, TASKS
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model on POPE / VQAv2 / VizWiz / TextVQA / GQA / RefCOCO question files",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--data", required=True, help="questions JSONL with ground truth (see deco_models.eval.tasks)")
+    parser.add_argument("--out", required=True, help="results JSON (written atomically)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory for deco_models.load")
+    source.add_argument("--predictions", help="score this existing answers JSONL instead of running a model")
+    parser.add_argument("--image-folder", default=None, help="folder the questions' 'image' paths are relative to")
+    parser.add_argument(
+        "--answers-file", default=None, help="where generated answers go (default: <out>.answers.jsonl)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--template", default=None, choices=sorted(TEMPLATES), help="chat template (default: the processor's own)"
+    )
+    parser.add_argument(
+        "--image-aspect",
+        default=None,
+        choices=("pad", "square"),
+        help="pad to square like LLaVA-1.5, or stretch to square (default: as the processor was saved)",
+    )
+    parser.add_argument("--on-missing-image", default="skip", choices=ON_MISSING_IMAGE)
+    parser.add_argument(
+        "--box-frame",
+        default=None,
+        choices=BOX_FRAMES,
+        help="refcoco: frame of the model's boxes: the padded square (LLaVA-1.5; the default) or the original image "
+        "(the default for a processor with image_aspect 'square')",
+    )
+    parser.add_argument("--iou", type=float, default=0.5, help="refcoco: IoU threshold (default 0.5)")
+    parser.add_argument(
+        "--input-size",
+        default=None,
+        metavar="HxW",
+        help="refcoco with --predictions: the model's input size when not square (default: square, or the processor's)",
+    )
+    parser.add_argument("--device", default=None, help="torch device for generation (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input-size must look like 336x336 (height x width), got {text!r}") from None
+    return h, w
+
+
+def _default_answers_file(out: Path) -> Path:
+    return out.with_name(out.stem + ".answers.jsonl")
+
+
+def _print_table(result: dict) -> None:
+    rows = [(name, value) for name, value in result["metrics"].items()]
+    for category, metrics in result.get("per_category", {}).items():
+        rows += [(f"{category}/{name}", value) for name, value in metrics.items()]
+    width = max(len(name) for name, _ in rows)
+    print(f"{result['task']}: {result['n_scored']} scored, {result['n_missing']} missing")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
+
+
+def run(args) -> int:
+    from deco_models.eval.generation import load_questions, read_predictions
+    from deco_models.eval.tasks import score_predictions
+
+    out = Path(args.out)
+    target_hw = _parse_size(args.input_size) if args.input_size else None
+    box_frame = args.box_frame
+    questions = load_questions(args.data)
+    if args.predictions:
+        if not Path(args.predictions).exists():
+            raise FileNotFoundError(f"--predictions {args.predictions} does not exist")
+        predictions = read_predictions(args.predictions)
+        answers_file = Path(args.predictions)
+    else:
+        import torch
+
+        from deco_models import load
+        from deco_models.eval.generation import generate_answers
+
+        answers_file = Path(args.answers_file) if args.answers_file else _default_answers_file(out)
+        model, processor = load(args.model)
+        pad_to_square = None  # the processor's own setting
+        if args.image_aspect is not None:
+            if hasattr(processor, "image_aspect"):
+                processor.image_aspect = args.image_aspect  # a DecoProcessor pads (or not) itself
+            else:
+                pad_to_square = args.image_aspect == "pad"
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        answers = generate_answers(
+            model,
+            processor,
+            questions,
+            args.image_folder,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            template=args.template,
+            predictions_path=answers_file,
+            on_missing_image=args.on_missing_image,
+            pad_to_square=pad_to_square,
+        )
+        predictions = {a["question_id"]: a for a in answers}
+        if box_frame is None and getattr(processor, "image_aspect", None) == "square":
+            box_frame = "original"  # stretched, not padded: normalized boxes are the same in both frames
+        if target_hw is None and isinstance(getattr(processor, "image_size", None), tuple):
+            target_hw = tuple(processor.image_size)
+    result = score_predictions(
+        args.task,
+        questions,
+        predictions,
+        box_frame=box_frame or "padded",
+        iou=args.iou,
+        image_folder=args.image_folder,
+        target_hw=target_hw,
+    )
+    result.update(data=str(args.data), model=args.model, answers_file=str(answers_file))
+    if args.task == "refcoco":
+        result.update(box_frame=box_frame or "padded", iou=args.iou, input_size=target_hw)
+    if result["n_missing"]:
+        print(f"warning: {result['n_missing']} question(s) have no answer and are not scored", file=sys.stderr)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
+    _print_table(result)
+    print(f"results: {out}")
+    return 0
