@@ -8,6 +8,7 @@ import pytest
 MODULES = [
     "rgae.explanation",
     "rgae.rules",
+    "rgae.metrics",
     "deco_models.projectors.registry",
     "deco_models.eval.scorers",
     "deco_models.eval.rec",
