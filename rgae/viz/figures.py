@@ -1,0 +1,675 @@
+"""Figures of an :class:`~rgae.explanation.Explanation`: each function returns a matplotlib ``Figure``.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (not ``pyplot``): nothing is registered with a GUI
+backend, nothing needs closing, they render headless (Agg) and notebooks display the returned figure once.
+
+Panels (names from the DeCo paper, Figure 3; the original tool's file prefixes in brackets):
+
+- Text-to-Image ``R_t2i`` [``R_t_i``]: the sentence (or one word's) Text-to-Patch map over the image;
+- per-word maps: subword tokens merged into words (``Explanation.words``);
+- Text-to-Query ``R_t2q`` [``R_t_q``]: query importances on the √M×√M query grid, as a heatmap or as a grid map
+  (cell values and query indices, top-k framed in red);
+- Query-to-Image ``R_q2i`` [``R_q_i``]: √M×√M small multiples, each one query's Query-to-Patch row over the image
+  (identity for a linear projector, a grating for pooling, learned patterns for a Q-Former);
+- the three-panel decomposition ``R_t2i | R_t2q | R_q2i``;
+- comparison grids: rows = methods or projectors, columns = words.
+
+Example:
+    >>> import numpy as np, torch
+    >>> from rgae import Explanation
+    >>> from rgae.viz import plot_decomposition
+    >>> e = Explanation(method="rgae", target_text="a red circle", output_tokens=["a", "red", "circle"],
+    ...                 text_to_patch=torch.rand(3, 16), patch_grid=(4, 4), text_to_query=torch.rand(3, 4),
+    ...                 query_to_patch=torch.rand(4, 16), query_grid=(2, 2))
+    >>> fig = plot_decomposition(e)
+    >>> len(fig.axes) >= 3
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rgae.viz.overlay import colorize, crop_to_box, normalize_map, overlay, to_numpy_map, upsample
+
+# Sizes in points, chosen for a 7-inch (two-column) or 3.3-inch (one-column) paper figure printed at 100%.
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 8.5,
+    "xtick.labelsize": 7.5,
+    "ytick.labelsize": 7.5,
+    "figure.titlesize": 10.5,
+    "legend.fontsize": 8,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+}
+_HIGHLIGHT = "#e8112d"  # the paper frames top queries in red
+_PANEL_TITLES = {
+    "t2i": r"$R_{t2i}$ (Text-to-Image)",
+    "t2q": r"$R_{t2q}$ (Text-to-Query)",
+    "q2i": r"$R_{q2i}$ (Query-to-Image)",
+}
+_DEFAULT_PATCH_PX = 16  # background resolution per patch when the explanation carries no image
+
+
+# ---- small helpers --------------------------------------------------------------------------------------------
+def _new_figure(figsize: tuple[float, float]):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=figsize, layout="constrained")
+    # The default 3-pt pads let a suptitle touch the panel titles under it (mathtext subscripts measure short).
+    fig.get_layout_engine().set(h_pad=0.08, w_pad=0.05)
+    return fig
+
+
+def _freeze_layout(fig):
+    """Run constrained layout to convergence, then fix it: every later save (PNG, PDF, SVG, any dpi) gets the
+    same geometry. Constrained layout moves axes by a few pixels on its first draws with fixed-aspect images."""
+    for _ in range(2):  # the second pass moves axes by < 1 px; later passes change nothing visible
+        fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    return fig
+
+
+def _escape(text: str) -> str:
+    """User text shown in a title: an unescaped ``$`` would switch matplotlib into math mode."""
+    return str(text).replace("$", r"\$")
+
+
+def _caption(text: str, width: int = 60, prefix: str = "", max_chars: int = 160) -> str:
+    """``prefix “text”`` wrapped to ``width`` characters, shortened with … beyond ``max_chars``, escaped."""
+    short = textwrap.shorten(" ".join(str(text).split()), width=max_chars, placeholder=" …")
+    return _escape("\n".join(textwrap.wrap(f"{prefix}“{short}”", width=max(width, 20))))
+
+
+def _chars_per_line(width_in: float, fontsize: float = 10.5) -> int:
+    # DejaVu Sans averages ~0.55 em per character; keep a margin so wrapped titles stay inside the figure.
+    return int(width_in * 72.0 / (fontsize * 0.6))
+
+
+def _short(word: str, max_chars: int = 16) -> str:
+    word = str(word)
+    return _escape(word if len(word) <= max_chars else word[: max_chars - 1] + "…")
+
+
+def _background(expl) -> np.ndarray:
+    """The image the model saw, or a neutral gray canvas when the explanation carries none."""
+    if expl.image is not None:
+        from rgae.viz.overlay import to_rgb_image
+
+        return to_rgb_image(np.asarray(expl.image))
+    gh, gw = expl.patch_grid
+    return np.full((gh * _DEFAULT_PATCH_PX, gw * _DEFAULT_PATCH_PX, 3), 200, np.uint8)
+
+
+def _content_box(expl, crop_to_content: bool):
+    # Without the model-seen image the background is a stand-in canvas whose pixels the box does not refer to.
+    if not crop_to_content or expl.content_box is None or expl.image is None:
+        return None
+    return expl.content_box
+
+
+def _hide_ticks(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _resolve_query_grid(expl) -> tuple[int, int]:
+    m = expl.text_to_query.shape[1] if expl.text_to_query is not None else expl.query_to_patch.shape[0]
+    if expl.query_grid is not None:
+        qh, qw = expl.query_grid
+        if qh * qw != m:
+            raise ValueError(f"query_grid {expl.query_grid} does not hold the M={m} queries of the explanation")
+        return qh, qw
+    side = math.isqrt(m)
+    return (side, side) if side * side == m else (1, m)
+
+
+def _require_queries(expl, what: str) -> None:
+    if expl.text_to_query is None:
+        raise ValueError(
+            f"{what} needs a Text-to-Query map, but this {expl.method!r} explanation has none "
+            "(methods without a query stage, such as GradCAM, only have Text-to-Patch)"
+        )
+
+
+def _require_q2p(expl, what: str) -> None:
+    if expl.query_to_patch is None:
+        raise ValueError(
+            f"{what} needs a Query-to-Patch map, but this {expl.method!r} explanation has none "
+            f"(projector {expl.projector_type!r})"
+        )
+
+
+def _select_map(expl, word: int | str | None, token: int | None) -> tuple[np.ndarray, str]:
+    if word is not None and token is not None:
+        raise ValueError("give word= or token=, not both")
+    if token is not None:
+        return to_numpy_map(expl.patch_map(token=token)), f"token “{_escape(expl.output_tokens[token])}”"
+    if word is not None:
+        label = expl.words[word] if isinstance(word, int) else word
+        return to_numpy_map(expl.patch_map(word=word)), f"word “{_escape(label)}”"
+    return to_numpy_map(expl.patch_map()), "sentence"
+
+
+def _colorbar(fig, axes, cmap, lo: float, hi: float, label: str, orientation: str = "vertical", **kw):
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    if not hi > lo:  # constant map: show the colormap on a unit range rather than a degenerate one
+        lo, hi = 0.0, 1.0
+    mappable = ScalarMappable(norm=Normalize(lo, hi), cmap=cmap)
+    cbar = fig.colorbar(mappable, ax=axes, orientation=orientation, **kw)
+    cbar.set_label(label)
+    cbar.ax.tick_params(labelsize=7)
+    return cbar
+
+
+def _low_high_colorbar(fig, axes, cmap, label: str, orientation: str = "vertical", **kw):
+    cbar = _colorbar(fig, axes, cmap, 0.0, 1.0, label, orientation=orientation, **kw)
+    cbar.set_ticks([0.0, 1.0], labels=["low", "high"])
+    return cbar
+
+
+def _text_color(rgb: np.ndarray) -> str:
+    luminance = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+    return "black" if luminance > 0.55 else "white"
+
+
+def _top_k(values: np.ndarray, k: int) -> list[int]:
+    if k <= 0:
+        return []
+    order = np.argsort(-values.ravel(), kind="stable")
+    return [int(i) for i in order[: min(k, values.size)]]
+
+
+# ---- panel drawers (draw into a given Axes; the public functions wrap them in a Figure) ------------------------
+def _draw_text_to_image(
+    ax, expl, word=None, token=None, alpha=0.5, cmap="jet", interpolation="bilinear", normalize="per_map",
+    vmin=None, vmax=None, crop_to_content=False,
+) -> tuple[float, float]:
+    patch_map, _ = _select_map(expl, word, token)
+    if normalize == "global" and (vmin is None or vmax is None):
+        vmin, vmax = float(patch_map.min()), float(patch_map.max())
+    kwargs = {"vmin": vmin, "vmax": vmax} if normalize == "global" else {}
+    rgb = overlay(_background(expl), patch_map, alpha=alpha, cmap=cmap, interpolation=interpolation,
+                  normalize=normalize, **kwargs)
+    ax.imshow(crop_to_box(rgb, _content_box(expl, crop_to_content)), interpolation="nearest")
+    _hide_ticks(ax)
+    if normalize == "global":
+        return float(vmin), float(vmax)
+    if normalize in (None, "none"):
+        return 0.0, 1.0
+    return float(patch_map.min()), float(patch_map.max())
+
+
+def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=None, cmap="jet",
+                        annotate=True, panel_in=3.0) -> tuple[float, float]:
+    _require_queries(expl, "the Text-to-Query panel")
+    if style not in ("heatmap", "grid"):
+        raise ValueError(f"style must be 'heatmap' or 'grid', got {style!r}")
+    qh, qw = _resolve_query_grid(expl)
+    if token is not None:
+        flat = expl.text_to_query[token]
+    elif word is not None:
+        flat = expl.word_text_to_query(word)
+    else:
+        flat = expl.sentence_text_to_query
+    values = to_numpy_map(flat.reshape(qh, qw), name="text_to_query")
+    unit = normalize_map(values, "per_map")
+    ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5))
+    ax.set_xlim(-0.5, qw - 0.5)
+    ax.set_ylim(qh - 0.5, -0.5)
+    if style == "heatmap":
+        step = max(1, math.ceil(max(qh, qw) / 8))
+        ax.set_xticks(range(0, qw, step))
+        ax.set_yticks(range(0, qh, step))
+        ax.set_xlabel("query column")
+        ax.set_ylabel("query row")
+        return float(values.min()), float(values.max())
+    # Grid map: white cell borders, each cell labelled with its flat query index and its min-max value.
+    _hide_ticks(ax)
+    for r in range(1, qh):
+        ax.axhline(r - 0.5, color="white", lw=0.6)
+    for c in range(1, qw):
+        ax.axvline(c - 0.5, color="white", lw=0.6)
+    top = _top_k(values, top_k)
+    if annotate:
+        # Font from the cell size (the caller knows the panel's size in inches; positions are not laid out yet):
+        # two lines, "index" over "value", fit in a cell at about a fifth of its side.
+        cell_pt = 72.0 * panel_in / max(qw, qh, 1)
+        size = float(min(cell_pt / 5.0, 9.0))
+        # Below ~4.5 pt nothing is readable in print: label only the framed top-k cells, a bit larger.
+        cells = [divmod(q, qw) for q in range(qh * qw)] if size >= 4.5 else [divmod(q, qw) for q in top]
+        size = max(size, 4.5)
+        colors = colorize(unit, cmap)
+        for r, c in cells:
+            ax.text(c, r, f"{r * qw + c}\n{unit[r, c]:.2f}", ha="center", va="center", fontsize=size,
+                    color=_text_color(colors[r, c]), linespacing=1.0)
+    for q in top:
+        r, c = divmod(q, qw)
+        _frame(ax, (c - 0.5, r - 0.5), 1, 1)
+    return float(values.min()), float(values.max())
+
+
+def _emphasis_overlay(image, patch_map, alpha, cmap, interpolation, normalize, vmin=None, vmax=None):
+    """Overlay whose opacity grows with the value, from ``alpha/2`` (cold) to ``min(1, 1.3·alpha)`` (hot).
+
+    Small multiples are viewed small: with one uniform alpha a query's few hot patches drown in the colormap's
+    tint over the rest of the tile; letting the photo through where the map is cold keeps them visible.
+    """
+    unit = normalize_map(to_numpy_map(patch_map), normalize, vmin=vmin, vmax=vmax)
+    big = np.clip(upsample(unit, image.shape[:2], interpolation), 0.0, 1.0)
+    weight = (alpha / 2 + (min(1.0, 1.3 * alpha) - alpha / 2) * big)[..., None]
+    blended = (1.0 - weight) * image.astype(np.float64) + weight * colorize(big, cmap) * 255.0
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def query_mosaic(
+    expl, alpha=0.5, cmap="jet", interpolation="bilinear", normalize="per_map", crop_to_content=False,
+    tile_px: int | None = None, gap_px: int = 2, grayscale: bool = True,
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """The Query-to-Image small multiples as one RGB image (white gaps between tiles).
+
+    Opacity grows with the value (``alpha/2`` where a query's map is cold, ``min(1, 1.3·alpha)`` where it is hot),
+    so a query's few hot patches stay visible at small-multiple size. ``grayscale=True`` draws the photo in gray
+    under the maps: at small-multiple size a colored photo competes with
+    the colormap (a red pooling window vanishes on a red object).
+
+    Returns ``(mosaic uint8 [.., .., 3], (tile_h, tile_w), (q_h, q_w))``; tile ``(r, c)`` starts at pixel
+    ``(r·(tile_h+gap), c·(tile_w+gap))`` and shows query ``r·q_w + c``.
+    """
+    _require_q2p(expl, "the Query-to-Image panel")
+    import cv2
+
+    q2p = expl.query_to_patch
+    m = q2p.shape[0]
+    qh, qw = _resolve_query_grid(expl) if expl.text_to_query is not None or expl.query_grid else (1, m)
+    if qh * qw != m:
+        raise ValueError(f"query grid {(qh, qw)} does not hold the M={m} rows of query_to_patch")
+    background = _background(expl)
+    box = _content_box(expl, crop_to_content)
+    height, width = background.shape[:2]
+    if tile_px is None:
+        tile_px = int(np.clip(1200 // max(qh, qw), 32, 160))
+    # Tiles keep the aspect ratio of the image actually shown (the content box when cropping).
+    shown_h, shown_w = (box[3] - box[1], box[2] - box[0]) if box else (height, width)
+    scale = tile_px / max(shown_h, shown_w)
+    full_h, full_w = max(1, round(height * scale)), max(1, round(width * scale))
+    small = cv2.resize(background, (full_w, full_h), interpolation=cv2.INTER_AREA)  # explicit (W, H); stays RGB
+    if grayscale:
+        small = np.repeat(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    small_box = None
+    if box:
+        small_box = (
+            min(int(box[0] * scale), full_w - 1), min(int(box[1] * scale), full_h - 1),
+            max(min(round(box[2] * scale), full_w), int(box[0] * scale) + 1),
+            max(min(round(box[3] * scale), full_h), int(box[1] * scale) + 1),
+        )
+    maps = to_numpy_map(q2p.reshape(m, -1), name="query_to_patch").reshape(m, *expl.patch_grid)
+    kwargs = {}
+    if normalize == "global":
+        kwargs = {"vmin": float(maps.min()), "vmax": float(maps.max())}
+    tiles = [
+        crop_to_box(_emphasis_overlay(small, maps[q], alpha, cmap, interpolation, normalize, **kwargs), small_box)
+        for q in range(m)
+    ]
+    tile_h, tile_w = tiles[0].shape[:2]
+    mosaic = np.full((qh * (tile_h + gap_px) - gap_px, qw * (tile_w + gap_px) - gap_px, 3), 255, np.uint8)
+    for q, tile in enumerate(tiles):
+        r, c = divmod(q, qw)
+        y, x = r * (tile_h + gap_px), c * (tile_w + gap_px)
+        mosaic[y: y + tile_h, x: x + tile_w] = tile
+    return mosaic, (tile_h, tile_w), (qh, qw)
+
+
+def _frame(ax, xy, width, height, lw=2.0):
+    """A red frame with a thin white halo: visible on the red (hot) end of the colormap too."""
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
+
+    rect = Rectangle(xy, width, height, fill=False, edgecolor=_HIGHLIGHT, lw=lw, zorder=5)
+    rect.set_path_effects([patheffects.withStroke(linewidth=lw + 1.6, foreground="white"), patheffects.Normal()])
+    ax.add_patch(rect)
+
+
+def _draw_query_to_image(ax, expl, top_k=5, alpha=0.65, cmap="jet", interpolation="nearest", normalize="per_map",
+                         crop_to_content=False, label_queries=True, gap_px=2) -> None:
+    mosaic, (tile_h, tile_w), (qh, qw) = query_mosaic(
+        expl, alpha=alpha, cmap=cmap, interpolation=interpolation, normalize=normalize,
+        crop_to_content=crop_to_content, gap_px=gap_px,
+    )
+    ax.imshow(mosaic, interpolation="antialiased")
+    _hide_ticks(ax)
+    if label_queries:
+        # Query index = row·q_w + col: rows are labelled with their first index, columns with the offset, so no
+        # label covers a tile's content (query 0's window is the top-left corner).
+        fig_w_in = ax.figure.get_size_inches()[0]
+        tile_pt = 72.0 * fig_w_in * ax.get_position().width / max(qw, 1)
+        # Column labels like "+10" need ~16 pt side by side at 6.5 pt; thin them out on small panels.
+        step_c = max(1, math.ceil(qw / 12), math.ceil(16.0 / max(tile_pt, 1e-3)))
+        step_r = max(1, math.ceil(qh / 12), math.ceil(9.0 / max(tile_pt, 1e-3)))
+        ax.set_yticks([r * (tile_h + gap_px) + tile_h / 2 for r in range(0, qh, step_r)],
+                      labels=[str(r * qw) for r in range(0, qh, step_r)])
+        ax.set_xticks([c * (tile_w + gap_px) + tile_w / 2 for c in range(0, qw, step_c)],
+                      labels=[f"+{c}" for c in range(0, qw, step_c)])
+        ax.tick_params(length=0, pad=1.5, labelsize=6.5 if max(qh, qw) > 8 else 7.5)
+    if expl.text_to_query is not None:
+        for q in _top_k(to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)), top_k):
+            r, c = divmod(q, qw)
+            _frame(ax, (c * (tile_w + gap_px) - 0.5, r * (tile_h + gap_px) - 0.5), tile_w, tile_h, lw=1.5)
+
+
+# ---- public figures --------------------------------------------------------------------------------------------
+def plot_text_to_image(
+    expl, word: int | str | None = None, token: int | None = None, alpha: float = 0.5, cmap: Any = "jet",
+    interpolation: str = "bilinear", normalize: str = "per_map", crop_to_content: bool = False,
+    colorbar: bool = True, title: str | None = None,
+):
+    """Text-to-Image ``R_t2i``: the sentence map (default), one word's or one token's map over the image.
+
+    ``crop_to_content=True`` crops to ``expl.content_box`` (the original image inside the padded one the model saw).
+    The colorbar shows the map's own relevance range (``per_map``) or the shared range (``global``).
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot_text_to_image(e, word="green")
+    """
+    width_in = 3.4
+    bg = _background(expl)
+    box = _content_box(expl, crop_to_content)
+    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    fig = _new_figure((width_in, width_in * h / w * 0.82 + 0.75))
+    ax = fig.add_subplot()
+    lo, hi = _draw_text_to_image(ax, expl, word=word, token=token, alpha=alpha, cmap=cmap,
+                                 interpolation=interpolation, normalize=normalize, crop_to_content=crop_to_content)
+    _, label = _select_map(expl, word, token)
+    ax.set_title(title if title is not None else f"{_PANEL_TITLES['t2i']}, {label}\n"
+                 f"{_caption(expl.target_text, _chars_per_line(width_in, 9.5))}")
+    if colorbar:
+        _colorbar(fig, ax, cmap, lo, hi, "relevance", shrink=0.85, pad=0.02)
+    return _freeze_layout(fig)
+
+
+def plot_words(
+    expl, words: Sequence[int | str] | None = None, include_sentence: bool = True, ncols: int = 5,
+    alpha: float = 0.5, cmap: Any = "jet", interpolation: str = "bilinear", normalize: str = "per_map",
+    crop_to_content: bool = False,
+):
+    """Per-word Text-to-Image maps (subword tokens merged via ``expl.words``), one panel per word.
+
+    ``normalize="global"`` puts all panels on one scale with one shared colorbar; ``"per_map"`` stretches each.
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot_words(e, normalize="global")
+    """
+    if normalize not in ("per_map", "global"):
+        raise ValueError(f"normalize must be 'per_map' or 'global', got {normalize!r}")
+    chosen: list[int | None] = list(range(len(expl.words))) if words is None else [
+        expl.words.index(w) if isinstance(w, str) and w in expl.words else w for w in words
+    ]
+    for w in chosen:
+        if isinstance(w, str):
+            raise KeyError(f"word {w!r} is not in the target; words are {expl.words}")
+        if not 0 <= w < len(expl.words):
+            raise IndexError(f"word index {w} out of range (the target has {len(expl.words)} words)")
+    panels: list[int | None] = ([None] if include_sentence else []) + chosen
+    if not panels:
+        raise ValueError("nothing to plot: no words selected and include_sentence=False")
+    maps = [to_numpy_map(expl.patch_map(word=w) if w is not None else expl.patch_map()) for w in panels]
+    vmin = float(min(m.min() for m in maps)) if normalize == "global" else None
+    vmax = float(max(m.max() for m in maps)) if normalize == "global" else None
+    # Balanced rows: 6 panels with at most 5 columns are 2×3, not 5 + an orphan.
+    nrows = math.ceil(len(panels) / max(1, ncols))
+    ncols = math.ceil(len(panels) / nrows)
+    bg = _background(expl)
+    box = _content_box(expl, crop_to_content)
+    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    panel_in = 1.45
+    fig = _new_figure((panel_in * ncols + 0.8, (panel_in * h / w + 0.3) * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        w_idx = panels[k]
+        _draw_text_to_image(ax, expl, word=w_idx, alpha=alpha, cmap=cmap, interpolation=interpolation,
+                            normalize=normalize, vmin=vmin, vmax=vmax, crop_to_content=crop_to_content)
+        ax.set_title("sentence" if w_idx is None else f"“{_short(expl.words[w_idx])}”", fontsize=9)
+    caption = _caption(expl.target_text, _chars_per_line(fig.get_size_inches()[0]))
+    fig.suptitle(f"{_PANEL_TITLES['t2i']} per word\n{caption}")
+    if normalize == "global":
+        _colorbar(fig, axes, cmap, vmin, vmax, "relevance (shared scale)", shrink=0.8, pad=0.01)
+    else:
+        _low_high_colorbar(fig, axes, cmap, "relevance (min–max per map)", shrink=0.8, pad=0.01)
+    return _freeze_layout(fig)
+
+
+def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int | str | None = None,
+                       token: int | None = None, cmap: Any = "jet"):
+    """Text-to-Query ``R_t2q`` on the √M×√M query grid.
+
+    ``style="heatmap"``: the query importances with row/column indices. ``style="grid"``: a grid map whose cells
+    carry the flat query index (``row·q_w + col``, the LLM's image-token order) and the min–max normalized value;
+    the ``top_k`` most relevant queries are framed in red.
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot_text_to_query(e, style="grid", top_k=3)
+    """
+    _require_queries(expl, "plot_text_to_query")
+    qh, qw = _resolve_query_grid(expl)
+    side = float(np.clip(0.42 * max(qh, qw), 3.0, 6.5)) if style == "grid" else 3.2
+    fig = _new_figure((side * qw / max(qh, qw) + 0.9, side * qh / max(qh, qw) + 0.7))
+    ax = fig.add_subplot()
+    lo, hi = _draw_text_to_query(ax, expl, style=style, top_k=top_k, word=word, token=token, cmap=cmap,
+                                 panel_in=side)
+    what = "sentence" if word is None and token is None else (
+        f"word “{_escape(word if isinstance(word, str) else expl.words[word])}”" if word is not None
+        else f"token “{_escape(expl.output_tokens[token])}”")
+    extra = f", top-{top_k} framed" if style == "grid" and top_k > 0 else ""
+    ax.set_title(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{qh}×{qw} queries")
+    if style == "grid":
+        _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", shrink=0.85, pad=0.02)
+    else:
+        _colorbar(fig, ax, cmap, lo, hi, "relevance", shrink=0.85, pad=0.02)
+    return _freeze_layout(fig)
+
+
+def plot_query_to_image(expl, top_k: int = 5, alpha: float = 0.65, cmap: Any = "jet",
+                        interpolation: str = "nearest", normalize: str = "per_map", crop_to_content: bool = False,
+                        label_queries: bool = True):
+    """Query-to-Image ``R_q2i``: √M×√M small multiples, tile ``q`` = query ``q``'s Query-to-Patch row over the image.
+
+    For a linear projector every tile shows one patch (the identity); for adaptive pooling a 2-D grating; for a
+    Q-Former the learned patterns. Tiles are labelled with their flat query index; when the explanation has a
+    Text-to-Query map, the ``top_k`` most relevant queries for the sentence are framed in red.
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot_query_to_image(e)
+    """
+    _require_q2p(expl, "plot_query_to_image")
+    fig = _new_figure((6.0, 6.0 + 0.6))
+    ax = fig.add_subplot()
+    _draw_query_to_image(ax, expl, top_k=top_k, alpha=alpha, cmap=cmap, interpolation=interpolation,
+                         normalize=normalize, crop_to_content=crop_to_content, label_queries=label_queries)
+    framed = f"; top-{top_k} for the sentence framed" if expl.text_to_query is not None and top_k else ""
+    ax.set_title(f"{_PANEL_TITLES['q2i']}: one tile per query over the image\n"
+                 f"(query index = row label + column offset{framed})")
+    _low_high_colorbar(fig, ax, cmap, "relevance (min–max per query)", shrink=0.6, pad=0.02)
+    return _freeze_layout(fig)
+
+
+def plot_decomposition(expl, style: str = "heatmap", top_k: int = 5, alpha: float = 0.5, cmap: Any = "jet",
+                       interpolation: str = "bilinear", crop_to_content: bool = False,
+                       q2i_interpolation: str = "nearest", q2i_alpha: float = 0.65):
+    """The paper's Figure 3 row: ``R_t2i | R_t2q | R_q2i`` (``R_t2i = R_t2q · R_q2i``), with titles.
+
+    Explanations without a query stage (e.g. GradCAM) get the ``R_t2i`` panel alone (with a note), so that
+    ``Explanation._repr_png_`` works for every method. ``style="grid"`` draws the middle panel as a grid map.
+    ``interpolation``/``alpha`` are for ``R_t2i``; ``q2i_interpolation`` (default ``nearest``: pooling windows stay
+    sharp squares) and ``q2i_alpha`` (stronger, so small windows stay visible in small tiles) for ``R_q2i``.
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot_decomposition(e, style="grid")
+    """
+    has_t2q = expl.text_to_query is not None
+    has_q2p = expl.query_to_patch is not None
+    n_panels = 1 + int(has_t2q) + int(has_q2p)
+    panel_in = 2.45 if n_panels > 1 else 3.2
+    fig = _new_figure((panel_in * n_panels + 0.3, panel_in + 1.15))
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    _draw_text_to_image(axes[0], expl, alpha=alpha, cmap=cmap, interpolation=interpolation,
+                        crop_to_content=crop_to_content)
+    axes[0].set_title(_PANEL_TITLES["t2i"])
+    k = 1
+    if has_t2q:
+        _draw_text_to_query(axes[k], expl, style=style, top_k=top_k, cmap=cmap, panel_in=0.9 * panel_in)
+        axes[k].set_title(_PANEL_TITLES["t2q"])
+        k += 1
+    if has_q2p:
+        _draw_query_to_image(axes[k], expl, top_k=top_k, alpha=q2i_alpha, cmap=cmap, interpolation=q2i_interpolation,
+                             crop_to_content=crop_to_content)
+        axes[k].set_title(_PANEL_TITLES["q2i"])
+    prefix = f"{expl.method}, projector {expl.projector_type}" if expl.projector_type else f"{expl.method}"
+    note = "" if n_panels > 1 else f"\n(no query stage for method {_escape(expl.method)})"
+    fig.suptitle(_caption(expl.target_text, _chars_per_line(fig.get_size_inches()[0]), prefix=f"{prefix}: ") + note)
+    _low_high_colorbar(fig, list(axes), cmap, "relevance (min–max per map)", orientation="horizontal",
+                       shrink=0.35 if n_panels > 1 else 0.7, aspect=30, pad=0.03)
+    return _freeze_layout(fig)
+
+
+def plot_comparison(
+    explanations: Sequence[Any] | Mapping[str, Any], rows: str = "method",
+    words: Sequence[int | str | None] | None = None,
+    normalize: str = "per_map", show_image: bool = True, alpha: float = 0.5, cmap: Any = "jet",
+    interpolation: str = "bilinear", crop_to_content: bool = False,
+):
+    """Comparison grid: one row per explanation (labelled by method or projector), one column per word.
+
+    Args:
+        explanations: a list of Explanations, or ``{row label: Explanation}``.
+        rows: ``"method"`` or ``"projector"`` — what labels the rows (ignored for a mapping).
+        words: words (text or index into the first explanation's words; ``None`` = the sentence map).
+            Default: all words of the first explanation. Words are matched by text in the other rows; a row
+            without that word shows an empty cell.
+        normalize: ``"per_map"`` or ``"global"`` (every cell on one scale, one shared colorbar in relevance units).
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> a, b = synthetic_explanation(seed=0), synthetic_explanation(method="rollout", seed=1)
+        >>> fig = plot_comparison([a, b], rows="method", words=["pot", "plants"], normalize="global")
+    """
+    if rows not in ("method", "projector"):
+        raise ValueError(f"rows must be 'method' or 'projector', got {rows!r}")
+    if normalize not in ("per_map", "global"):
+        raise ValueError(f"normalize must be 'per_map' or 'global', got {normalize!r}")
+    if isinstance(explanations, Mapping):
+        labels, expls = [str(k) for k in explanations], list(explanations.values())
+    else:
+        expls = list(explanations)
+        labels = [str((e.method if rows == "method" else e.projector_type) or "?") for e in expls]
+    if not expls:
+        raise ValueError("plot_comparison needs at least one explanation")
+    first = expls[0]
+    columns: list[str | None] = list(first.words) if words is None else [
+        first.words[w] if isinstance(w, int) else w for w in words
+    ]
+    if not columns:
+        raise ValueError("no words to compare")
+
+    def cell_map(e, word):
+        if word is None:
+            return to_numpy_map(e.patch_map())
+        if word not in e.words:
+            return None
+        return to_numpy_map(e.patch_map(word=word))
+
+    maps = [[cell_map(e, w) for w in columns] for e in expls]
+    present = [m for row in maps for m in row if m is not None]
+    if not present:
+        raise ValueError(f"none of the words {columns} occur in the explanations")
+    vmin = float(min(m.min() for m in present)) if normalize == "global" else None
+    vmax = float(max(m.max() for m in present)) if normalize == "global" else None
+    ncols = len(columns) + int(show_image)
+    bg = _background(first)
+    box = _content_box(first, crop_to_content)
+    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    panel_in = 1.35
+    fig = _new_figure((panel_in * ncols + 1.2, (panel_in * h / w + 0.1) * len(expls) + 0.7))
+    axes = fig.subplots(len(expls), ncols, squeeze=False)
+    for r, (e, label) in enumerate(zip(expls, labels)):
+        if show_image:
+            ax = axes[r, 0]
+            ax.imshow(crop_to_box(_background(e), _content_box(e, crop_to_content)))
+            _hide_ticks(ax)
+            if r == 0:
+                ax.set_title("image")
+        for c, word in enumerate(columns):
+            ax = axes[r, c + int(show_image)]
+            if maps[r][c] is None:
+                _hide_ticks(ax)
+                ax.text(0.5, 0.5, "word not\nin target", ha="center", va="center", fontsize=7, color="0.4",
+                        transform=ax.transAxes)
+            else:
+                ax.imshow(crop_to_box(
+                    overlay(_background(e), maps[r][c], alpha=alpha, cmap=cmap, interpolation=interpolation,
+                            normalize=normalize, **({"vmin": vmin, "vmax": vmax} if normalize == "global" else {})),
+                    _content_box(e, crop_to_content)))
+                _hide_ticks(ax)
+            if r == 0:
+                ax.set_title("sentence" if word is None else f"“{_short(word)}”")
+        axes[r, 0].set_ylabel(_escape(label), fontsize=9.5)
+    if normalize == "global":
+        _colorbar(fig, axes, cmap, vmin, vmax, "relevance (shared scale)", shrink=0.8, pad=0.01)
+    else:
+        _low_high_colorbar(fig, axes, cmap, "relevance (min–max per map)", shrink=0.8, pad=0.01)
+    fig.suptitle(_caption(first.target_text, _chars_per_line(fig.get_size_inches()[0])))
+    return _freeze_layout(fig)
+
+
+PLOT_KINDS = ("decomposition", "text_to_image", "words", "text_to_query", "query_grid", "query_to_image")
+
+
+def plot(explanation, kind: str = "decomposition", **kwargs):
+    """One figure of an explanation by name; ``Explanation.plot(kind)`` calls this.
+
+    Kinds: ``decomposition`` (:func:`plot_decomposition`), ``text_to_image``, ``words``, ``text_to_query``
+    (heatmap), ``query_grid`` (Text-to-Query grid map), ``query_to_image``.
+
+    Example:
+        >>> from rgae.viz import synthetic_explanation
+        >>> e = synthetic_explanation()
+        >>> fig = plot(e, kind="query_grid", top_k=3)
+    """
+    if kind == "decomposition":
+        return plot_decomposition(explanation, **kwargs)
+    if kind == "text_to_image":
+        return plot_text_to_image(explanation, **kwargs)
+    if kind == "words":
+        return plot_words(explanation, **kwargs)
+    if kind == "text_to_query":
+        return plot_text_to_query(explanation, **{"style": "heatmap", **kwargs})
+    if kind == "query_grid":
+        return plot_text_to_query(explanation, **{"style": "grid", **kwargs})
+    if kind == "query_to_image":
+        return plot_query_to_image(explanation, **kwargs)
+    raise ValueError(f"kind must be one of {PLOT_KINDS}, got {kind!r}")
