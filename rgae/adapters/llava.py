@@ -1,0 +1,73 @@
+"""Adapter for stock transformers ``LlavaForConditionalGeneration`` (llava-hf checkpoints): an MLP projector, so
+query i is patch i (Query-to-Patch is the identity)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
+
+
+def llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(language_model, vision_tower, multi_modal_projector) of a Llava model, wherever this transformers version
+    keeps them (``model.model.X`` in transformers 5, ``model.X`` in older layouts)."""
+    inner = getattr(model, "model", model)
+    parts = []
+    for name in ("language_model", "vision_tower", "multi_modal_projector"):
+        part = getattr(inner, name, None) or getattr(model, name, None)
+        if part is None:
+            raise ValueError(f"{type(model).__name__} has no {name}; is it a LLaVA-style model?")
+        parts.append(part)
+    return tuple(parts)
+
+
+def vision_geometry(model: nn.Module, vision_tower: nn.Module) -> tuple[tuple[int, int], int, int, int]:
+    """(patch_grid, vision_prefix, feature_prefix, vision_feature_layer) from the config and the vision tower."""
+    cfg = model.config
+    vcfg = cfg.vision_config
+    image_hw = _as_hw(vcfg.image_size)
+    patch_hw = _as_hw(vcfg.patch_size)
+    grid = (image_hw[0] // patch_hw[0], image_hw[1] // patch_hw[1])
+    # CLIP (class_embedding) and ViT (cls_token) put a CLS token in front of the patches; SigLIP has none.
+    cls_names = ("class_embedding", "cls_token")
+    vision_prefix = int(any(getattr(m, n, None) is not None for m in vision_tower.modules() for n in cls_names))
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    if strategy == "default":
+        if vision_prefix == 0:
+            raise ValueError(
+                "vision_feature_select_strategy='default' drops the first vision token, but this vision encoder has no "
+                "CLS token (it would drop a patch); use 'full' for CLS-free encoders such as SigLIP"
+            )
+        feature_prefix = 0
+    elif strategy == "full":
+        feature_prefix = vision_prefix
+    else:
+        raise ValueError(f"unknown vision_feature_select_strategy {strategy!r} (expected 'default' or 'full')")
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        # Several layers concatenated: propagate through the ViT up to the deepest one.
+        n = getattr(vcfg, "num_hidden_layers", None)
+        layer = max((k if k >= 0 else n + 1 + k) for k in layer)
+    return grid, vision_prefix, feature_prefix, int(layer)
+
+
+def llava_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter of a stock ``LlavaForConditionalGeneration``."""
+    language_model, vision_tower, projector = llava_parts(model)
+    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, vision_tower)
+    return ModelAdapter(
+        model=model,
+        language_model=language_model,
+        vision_tower=vision_tower,
+        projector=projector,
+        llm_attention=leaf_attention_modules(language_model),
+        vision_attention=leaf_attention_modules(vision_tower),
+        projector_kind="mlp",
+        patch_grid=grid,
+        query_grid=grid if feature_prefix == 0 else None,
+        image_token_id=int(model.config.image_token_id),
+        vision_feature_layer=layer,
+        vision_prefix=vision_prefix,
+        feature_prefix=feature_prefix,
+        projector_type="mlp2x_gelu",
+    )

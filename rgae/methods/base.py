@@ -1,0 +1,374 @@
+"""Shared input handling for every explainer: image loading, the prompt, the target (given or generated), the
+teacher-forced inputs, token probabilities, and packing the result into an :class:`~rgae.explanation.Explanation`.
+
+Teacher forcing: the prompt (with the processor's image tokens) and the target tokens are concatenated into one
+sequence; target token t sits at ``target_positions[t]`` and is predicted by the logits at ``target_positions[t] - 1``.
+A causal LLM's rows up to a position do not depend on later tokens, so one forward over the whole sequence gives what
+step-by-step generation of the same target would give (tests/test_reference.py checks this).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rgae.adapters import ModelAdapter, get_adapter
+from rgae.explanation import Explanation
+
+DEFAULT_INSTRUCTION = "Describe the image in one sentence."
+
+
+def load_image(image) -> Any:
+    """A PIL RGB image from a path, a PIL image or an array, in any mode.
+
+    Handling: grayscale is replicated to RGB; alpha is composited on white (transparent pixels would otherwise turn
+    black); 16-bit and 32-bit integer images are scaled by their type's maximum (PIL's own ``convert("RGB")`` clips
+    them); float arrays are read as [0, 1]; ``[C, H, W]`` arrays with C in (1, 3, 4) are transposed.
+
+    Example:
+        >>> import numpy as np
+        >>> load_image(np.zeros((4, 5), dtype=np.uint16)).size, load_image(np.zeros((4, 5), dtype=np.uint16)).mode
+        ((5, 4), 'RGB')
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"could not read image file {str(path)!r}: {exc}") from exc
+    if isinstance(image, list | tuple):
+        raise ValueError("explain one image at a time (batch size 1); got a sequence of images")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGB",):
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = np.array(image)
+        else:
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
+    arr = image
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {arr.shape}")
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"image array must be [H, W], [H, W, 3|4] or [3|4, H, W], got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"image array is empty (shape {arr.shape})")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("image array contains NaN or inf")
+        arr = np.clip(arr, 0.0, 1.0) * 255.0
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        info = np.iinfo(arr.dtype)
+        top = 65535 if info.max >= 65535 else info.max
+        arr = np.clip(arr.astype(np.float64), 0, top) / top * 255.0
+    arr = np.rint(arr).astype(np.uint8) if arr.dtype != np.uint8 else arr
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:4].astype(np.float64) / 255.0
+        arr = np.rint(arr[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def build_prompt(processor, prompt: str | None) -> str:
+    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template (or a
+    plain ``USER: <image>\\n... ASSISTANT:`` template when the processor has none) around the instruction."""
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
+        if image_token in prompt:
+            return prompt
+    instruction = prompt or DEFAULT_INSTRUCTION
+    if callable(getattr(processor, "render_prompt", None)):  # deco_models.DecoProcessor
+        return processor.render_prompt(instruction)
+    if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: {image_token}\n{instruction} ASSISTANT:"
+
+
+@dataclass
+class PreparedInputs:
+    """Everything one teacher-forced forward needs, plus what the Explanation records."""
+
+    input_ids: torch.Tensor  # [1, S] prompt + target
+    pixel_values: torch.Tensor
+    prompt_len: int
+    target_ids: torch.Tensor  # [T]
+    target_text: str
+    prompt: str
+    image_positions: torch.Tensor  # [M]
+    image: np.ndarray | None
+    content_box: tuple[int, int, int, int] | None
+    word_ids: list[int] | None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def target_positions(self) -> torch.Tensor:
+        t = self.target_ids.numel()
+        return torch.arange(self.prompt_len, self.prompt_len + t, device=self.input_ids.device)
+
+    @property
+    def predicting_positions(self) -> torch.Tensor:
+        return self.target_positions - 1
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "pixel_values": self.pixel_values,
+            "attention_mask": torch.ones_like(self.input_ids),
+            **self.extra,
+        }
+
+
+def _image_processor_stats(processor):
+    ip = getattr(processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None)
+    std = getattr(ip, "image_std", None)
+    scale = getattr(ip, "rescale_factor", 1 / 255)
+    return mean, std, scale
+
+
+def model_seen_image(processor, pixel_values: torch.Tensor) -> np.ndarray | None:
+    """``uint8 [H, W, 3]``: the pixels the model saw, recovered by undoing the processor's normalization."""
+    mean, std, scale = _image_processor_stats(processor)
+    pv = pixel_values.detach().float().cpu()[0]
+    if pv.ndim != 3 or pv.shape[0] != 3:
+        return None
+    mean_t = torch.tensor(mean if mean is not None else [0.0] * 3).view(3, 1, 1)
+    std_t = torch.tensor(std if std is not None else [1.0] * 3).view(3, 1, 1)
+    img = (pv * std_t + mean_t) / float(scale or 1 / 255)
+    return img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+class Explainer:
+    """Base of the explainers: holds the model, its processor and adapter; prepares teacher-forced inputs.
+
+    Subclasses implement :meth:`_attribute` and set :attr:`method`.
+    """
+
+    method = "base"
+
+    def __init__(self, model, processor, adapter: ModelAdapter | None = None, model_name: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.adapter = adapter if adapter is not None else get_adapter(model)
+        self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+
+    def encode_prompt(self, image, prompt: str | None):
+        pil = load_image(image)
+        text = build_prompt(self.processor, prompt)
+        try:
+            batch = self.processor(images=pil, text=text, return_tensors="pt")
+        except TypeError:
+            batch = self.processor(text=text, images=pil, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
+        pixel_values = batch["pixel_values"].to(self.device, self.dtype)
+        extra = {k: v.to(self.device) for k, v in batch.items() if k in ("image_sizes",) and v is not None}
+        content_box = None
+        image_np = None
+        info = getattr(batch, "image_info", None)
+        if info:  # a processor that pads/resizes (DecoProcessor) says what the model saw and where the image is
+            image_np = np.asarray(info[0].model_image, dtype=np.uint8)
+            box = getattr(info[0], "content_box", None)
+            content_box = None if box is None else tuple(int(round(float(v))) for v in box)
+        if image_np is None:
+            image_np = model_seen_image(self.processor, pixel_values)
+        if content_box is None and image_np is not None:
+            content_box = (0, 0, int(image_np.shape[1]), int(image_np.shape[0]))
+        return text, input_ids, pixel_values, extra, image_np, content_box
+
+    def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
+        if not isinstance(target, str):
+            raise ValueError(f"target must be a string (or None to explain the model's own answer), got {target!r}")
+        if not target.strip():
+            raise ValueError("target is empty: give the text to explain, or target=None to explain the model's answer")
+        tok = tokenizer_of(self.processor)
+        enc = tok(target, add_special_tokens=False)
+        ids = list(enc["input_ids"])
+        if not ids:
+            raise ValueError(f"target {target!r} tokenizes to no tokens")
+        word_ids = None
+        try:
+            wids = enc.word_ids()
+            if wids and all(w is not None for w in wids):
+                # Renumber from 0 in order of appearance.
+                mapping: dict[int, int] = {}
+                word_ids = [mapping.setdefault(w, len(mapping)) for w in wids]
+        except (AttributeError, ValueError, TypeError):
+            word_ids = None
+        return torch.tensor(ids, dtype=torch.long), word_ids
+
+    @torch.no_grad()
+    def generate_target(self, input_ids, pixel_values, extra, max_new_tokens: int) -> torch.Tensor:
+        """Greedy answer of the model (without the trailing end-of-sequence token)."""
+        out = self.model.generate(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **extra,
+        )
+        new = out[0, input_ids.shape[1] :].cpu()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        pad = self.model.generation_config.pad_token_id
+        if pad is not None:
+            eos_ids.add(pad)
+        keep = []
+        for t in new.tolist():
+            if t in eos_ids:
+                break
+            keep.append(t)
+        if not keep:
+            raise ValueError("the model generated no tokens to explain (it ended at once); pass target= explicitly")
+        return torch.tensor(keep, dtype=torch.long)
+
+    def prepare(self, image, target: str | None, prompt: str | None, max_new_tokens: int = 32) -> PreparedInputs:
+        text, prompt_ids, pixel_values, extra, image_np, content_box = self.encode_prompt(image, prompt)
+        tok = tokenizer_of(self.processor)
+        if target is None:
+            target_ids = self.generate_target(prompt_ids, pixel_values, extra, max_new_tokens)
+            target_text = tok.decode(target_ids.tolist(), skip_special_tokens=True)
+            word_ids = None
+        else:
+            target_ids, word_ids = self.tokenize_target(target)
+            target_text = target
+        limit = self.adapter.max_positions
+        total = prompt_ids.shape[1] + target_ids.numel()
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"prompt ({prompt_ids.shape[1]} tokens) + target ({target_ids.numel()} tokens) = {total} tokens is "
+                f"longer than the model's context (max_position_embeddings = {limit})"
+            )
+        input_ids = torch.cat([prompt_ids, target_ids.view(1, -1).to(prompt_ids.device)], dim=1)
+        image_positions = self.adapter.image_positions(prompt_ids)
+        return PreparedInputs(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            prompt_len=prompt_ids.shape[1],
+            target_ids=target_ids.to(self.device),
+            target_text=target_text,
+            prompt=text,
+            image_positions=image_positions,
+            image=image_np,
+            content_box=content_box,
+            word_ids=word_ids,
+            extra=extra,
+        )
+
+    # ---- outputs ---------------------------------------------------------------------------------------------
+    def forward(self, inputs: PreparedInputs, keep_logits: bool = True):
+        """The teacher-forced forward; logits are kept only for the last ``T + 1`` positions (the lm_head over the
+        whole prompt is wasted work). Returns ``(logits [1, T + 1, V], offset)`` with ``offset`` the sequence position
+        of ``logits[:, 0]``."""
+        keep = inputs.target_ids.numel() + 1
+        out = self.model(**inputs.model_kwargs(), use_cache=False, logits_to_keep=keep if keep_logits else 0)
+        logits = out.logits
+        return logits, inputs.input_ids.shape[1] - logits.shape[1]
+
+    @staticmethod
+    def target_logits(logits: torch.Tensor, inputs: PreparedInputs, offset: int = 0) -> torch.Tensor:
+        """``[T]`` raw logits of the target tokens at their predicting positions (with graph)."""
+        return logits[0, inputs.predicting_positions - offset, inputs.target_ids]
+
+    @staticmethod
+    def token_probs(logits: torch.Tensor, inputs: PreparedInputs, offset: int = 0) -> torch.Tensor:
+        rows = logits[0, inputs.predicting_positions - offset].detach().float()
+        return rows.softmax(-1).gather(-1, inputs.target_ids.view(-1, 1)).squeeze(-1).cpu()
+
+    def pack(
+        self,
+        inputs: PreparedInputs,
+        text_to_patch: torch.Tensor,
+        token_probs: torch.Tensor | None,
+        text_to_query: torch.Tensor | None = None,
+        query_to_patch: torch.Tensor | None = None,
+        options: dict | None = None,
+    ) -> Explanation:
+        tok = tokenizer_of(self.processor)
+        ids = inputs.target_ids.tolist()
+        tokens = tok.convert_ids_to_tokens(ids)
+        query_grid = self.adapter.query_grid
+        if (
+            text_to_query is not None
+            and query_grid is not None
+            and query_grid[0] * query_grid[1] != text_to_query.shape[1]
+        ):
+            query_grid = None
+        return Explanation(
+            method=self.method,
+            target_text=inputs.target_text,
+            output_tokens=[str(t) for t in tokens],
+            text_to_patch=text_to_patch.detach().cpu(),
+            patch_grid=self.adapter.patch_grid,
+            text_to_query=None if text_to_query is None else text_to_query.detach().cpu(),
+            query_to_patch=None if query_to_patch is None else query_to_patch.detach().cpu(),
+            query_grid=query_grid,
+            token_ids=inputs.target_ids.detach().cpu(),
+            token_probs=token_probs,
+            word_ids=inputs.word_ids,
+            image=inputs.image,
+            content_box=inputs.content_box,
+            input_ids=inputs.input_ids.detach().cpu(),
+            pixel_values=inputs.pixel_values.detach().cpu(),
+            target_positions=inputs.target_positions.detach().cpu(),
+            image_positions=inputs.image_positions.detach().cpu(),
+            prompt=inputs.prompt,
+            projector_type=self.adapter.projector_type,
+            model_name=self.model_name,
+            options=dict(options or {}),
+        )
+
+    # ---- API -------------------------------------------------------------------------------------------------
+    def attribute(self, image, target: str | None = None, prompt: str | None = None, **options) -> Explanation:
+        """Explain ``target`` (or, when None, the model's greedy answer) for ``image``; see the class docs."""
+        max_new_tokens = int(options.pop("max_new_tokens", 32))
+        inputs = self.prepare(image, target, prompt, max_new_tokens=max_new_tokens)
+        return self._attribute(inputs, **options)
+
+    def _attribute(self, inputs: PreparedInputs, **options) -> Explanation:  # pragma: no cover - abstract
+        raise NotImplementedError

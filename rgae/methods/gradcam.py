@@ -1,0 +1,47 @@
+"""Grad-CAM (Selvaraju et al., 2017) on the vision encoder's patch features at ``vision_feature_layer`` (the
+projector's input), for each target token's raw logit: channel weights ``w_c`` = the gradient averaged over the
+patches, map = ``ReLU(Σ_c w_c · A_c)`` over the patch grid (a kept CLS token is dropped).
+
+Example:
+    >>> from rgae.methods import GradCAM
+    >>> GradCAM(model, processor).attribute(image, target="a cat").patch_map().shape  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from rgae.capture import explain_mode
+from rgae.methods.base import Explainer, PreparedInputs
+from rgae.methods.rgae import ProjectorIO
+
+
+class GradCAM(Explainer):
+    """``attribute(image, target=None, prompt=None)``: per-token Grad-CAM maps ``[T, N]``."""
+
+    method = "gradcam"
+
+    def _attribute(self, inputs: PreparedInputs, **unknown):
+        if unknown:
+            raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens)")
+        io = ProjectorIO(self.adapter.projector)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(explain_mode(self.model))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(io)
+            logits, offset = self.forward(inputs)
+            feats = io.input
+            target_logits = self.target_logits(logits, inputs, offset)
+            maps = []
+            for t in range(target_logits.numel()):
+                (grad,) = torch.autograd.grad(target_logits[t], feats, retain_graph=True, allow_unused=True)
+                if grad is None:
+                    maps.append(torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device))
+                    continue
+                weights = grad[0].mean(0)  # [C]: gradient averaged over the patch grid
+                maps.append(torch.relu(feats[0].detach() @ weights))
+        t2p = torch.stack(maps)[:, self.adapter.feature_prefix :]
+        return self.pack(inputs, text_to_patch=t2p, token_probs=self.token_probs(logits, inputs, offset),
+                         options={"layer": "vision_feature_layer"})

@@ -1,0 +1,293 @@
+"""R-GAE (DeCo §3.1, Appendix A): Text-to-Query through the LLM, Query-to-Patch through the projector, composed.
+
+One teacher-forced forward records every attention probability tensor (LLM, Q-Former, optionally the ViT) with its
+graph; then, per target token t, one ``autograd.grad`` of the token's **raw logit** at the predicting position
+``p_t - 1`` gives ``G`` for all layers, and each layer is reduced to ``mean_h (G ⊙ A)+`` at once.
+
+* Text-to-Query: row ``p_t - 1`` of ``R = (I + Abar_L) ... (I + Abar_1)`` (the row trick, :func:`rgae.rules.
+  propagate_rows`), restricted to the image-token columns: ``[M]``.
+* Query-to-Patch, by projector kind:
+
+  - ``linear`` / ``mlp``: the identity;
+  - ``avgpool``: the pooling operator :func:`rgae.rules.pooling_map` (target-independent);
+  - ``qformer``: GAE through the Q-Former's query self-attention and query→patch cross-attention layers
+    (:func:`rgae.rules.propagate_cross_stack`) with this target's gradients, ``Q2P_t = R_qk``;
+  - ``maxpool`` / ``cabstractor`` / ``dabstractor`` (no attention to follow): the **gradient rule** below.
+
+* ``through_vision=True``: the ViT's self-attention layers up to ``vision_feature_layer`` are propagated too
+  (``R_vit = (I + Abar_k) ... (I + Abar_1)`` from this target's gradients), normalized with
+  :func:`rgae.rules.normalize_residual`, and Query-to-Patch becomes ``Q2P · R̄_vit[feature tokens, patch tokens]``
+  (for the Q-Former, ``R_vit`` restricted to the feature tokens enters the stack as ``R_kk``, as GAE prescribes).
+* Text-to-Patch: ``T2P_t = T2Q_t · Q2P_t``; the sentence maps are means over t (:class:`~rgae.Explanation`).
+
+Gradient rule for projectors without attention. Let ``x [N, C]`` be the patch features entering the projector,
+``y = f(x) [M, D]`` its output tokens and ``g_q = ∂logit_t/∂y_q`` the target's gradient at query q. Query q's
+first-order contribution to the logit is ``s_q = <g_q, y_q>``; with ``g_q`` held fixed, patch p's share of it is the
+gradient × input ``(Σ_c x_pc · ∂s_q/∂x_pc)`` = ``<x_p, (J_q(x)ᵀ g_q)_p>``. We keep the positive part and normalize each
+row to sum 1 (a row with no positive entry stays zero), so a row is a distribution over patches like the pooling
+operator's rows: ``Q2P_t[q, p] = (x_p · (J_qᵀ g_q)_p)+ / Σ_p' (x_p' · (J_qᵀ g_q)_p')+``. For max pooling it lands on
+the argmax patches of q's window; for the abstractors it follows their convolutional receptive field, weighted by
+what the target uses. It costs one batched vector-Jacobian product of the (small) projector per target token.
+The explained scalar is a raw logit, so the maps are not normalized otherwise (R-GAE is not scale invariant).
+
+Example:
+    >>> from rgae import RGAE
+    >>> exp = RGAE(model, processor).attribute("cat.jpg", target="A cat on a sofa")  # doctest: +SKIP
+    >>> exp.patch_map(word="cat").shape  # doctest: +SKIP
+    torch.Size([24, 24])
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from rgae.capture import AttentionRecorder, eager_attention, explain_mode
+from rgae.methods.base import Explainer, PreparedInputs
+from rgae.rules import identity_map, normalize_residual, pooling_map, propagate, propagate_cross_stack, propagate_rows
+
+
+class ProjectorIO:
+    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens)."""
+
+    def __init__(self, projector):
+        self.projector = projector
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, out):
+        self.input = args[0]
+        self.output = out if isinstance(out, torch.Tensor) else out[0]
+
+    def __enter__(self):
+        self._handle = self.projector.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def gradient_rule_q2p(projector, features: torch.Tensor, grad_out: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``[M, N]`` Query-to-Patch of the gradient rule (module docs) for one target.
+
+    Args:
+        projector: the projector module, ``[1, N, C] -> [1, M, D]``.
+        features: ``[1, N, C]`` its input patch features.
+        grad_out: ``[1, M, D]`` the target's gradient at its output.
+    """
+    x = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = projector(x)
+    m = y.shape[1]
+    g = grad_out.detach()[0]
+    rows = []
+    for start in range(0, m, chunk):
+        idx = torch.arange(start, min(start + chunk, m), device=y.device)
+        cot = torch.zeros(len(idx), *y.shape, dtype=y.dtype, device=y.device)
+        cot[torch.arange(len(idx)), 0, idx] = g[idx]
+        try:
+            (vj,) = torch.autograd.grad(y, x, grad_outputs=cot, is_grads_batched=True, retain_graph=True)
+        except RuntimeError:  # an op without a batching rule: one vector-Jacobian product per query
+            vj = torch.stack([torch.autograd.grad(y, x, grad_outputs=c, retain_graph=True)[0] for c in cot])
+        rows.append((vj[:, 0] * x.detach()[0]).sum(-1))
+    contrib = torch.cat(rows).clamp(min=0)
+    total = contrib.sum(-1, keepdim=True)
+    return contrib / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor], grad_batch: int | None = None):
+    """Yield ``(t, [d target_logits[t] / d tensor for tensor in tensors])`` (None where unused), graph retained.
+
+    ``grad_batch=None`` (or 1): one ``autograd.grad`` per target token. ``grad_batch=k``: k tokens at once with
+    ``is_grads_batched=True`` (vmap over the backward): the same numbers with fewer, larger kernels (worth it on
+    GPUs; memory grows k-fold).
+    """
+    n = target_logits.numel()
+    if not grad_batch or grad_batch <= 1:
+        for t in range(n):
+            yield t, list(torch.autograd.grad(target_logits[t], tensors, retain_graph=True, allow_unused=True))
+        return
+    for start in range(0, n, grad_batch):
+        idx = torch.arange(start, min(n, start + grad_batch), device=target_logits.device)
+        basis = torch.zeros(len(idx), n, dtype=target_logits.dtype, device=target_logits.device)
+        basis[torch.arange(len(idx)), idx] = 1.0
+        grads = torch.autograd.grad(
+            target_logits, tensors, grad_outputs=basis, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+        for k, t in enumerate(idx.tolist()):
+            yield t, [None if g is None else g[k] for g in grads]
+
+
+class RGAE(Explainer):
+    """R-GAE relevance maps (see the module docs for the exact rules).
+
+    ``attribute(image, target=None, prompt=None, through_vision=False, max_new_tokens=32, progress=False)``
+    returns an :class:`~rgae.Explanation` with per-token ``text_to_query [T, M]``, ``text_to_patch [T, N]`` and
+    ``query_to_patch [M, N]`` (the mean over target tokens when it depends on the target: Q-Former, gradient rule,
+    ``through_vision``; then ``T2P_t = T2Q_t · Q2P_t`` uses each token's own map).
+    """
+
+    method = "rgae"
+
+    def _attribute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
+                   grad_batch: int | None = None, **unknown):
+        if unknown:
+            raise TypeError(
+                f"unknown RGAE options: {sorted(unknown)} (known: through_vision, grad_batch, max_new_tokens, progress)"
+            )
+        result = self.compute(inputs, through_vision=through_vision, progress=progress, grad_batch=grad_batch)
+        return self.pack(
+            inputs,
+            text_to_patch=result["text_to_patch"],
+            token_probs=result["token_probs"],
+            text_to_query=result["text_to_query"],
+            query_to_patch=result["query_to_patch"],
+            options={
+                "through_vision": bool(through_vision),
+                "projector_kind": self.adapter.projector_kind,
+                "query_to_patch_rule": self.query_to_patch_rule(through_vision),
+                "explained_scalar": "raw logit of the target token at the predicting position",
+            },
+        )
+
+    def query_to_patch_rule(self, through_vision: bool) -> str:
+        kind = self.adapter.projector_kind
+        rule = {
+            "linear": "identity",
+            "mlp": "identity",
+            "avgpool": "pooling",
+            "qformer": "qformer_gae (mean over target tokens)",
+        }.get(kind, "gradient (mean over target tokens)")
+        return rule + (" · vit_gae" if through_vision else "")
+
+    def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
+                grad_batch: int | None = None) -> dict:
+        """The raw maps as a dict (``text_to_query``, ``query_to_patch``, ``query_to_patch_per_token``,
+        ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation."""
+        ad = self.adapter
+        kind = ad.projector_kind
+        llm = AttentionRecorder(ad.llm_attention, [f"LLM layer {i}" for i in range(len(ad.llm_attention))])
+        proj_modules = [m for _, m in ad.projector_attention] if kind == "qformer" else []
+        proj = AttentionRecorder(proj_modules, [f"projector {k}-attention {i}" for i, (k, _) in
+                                                enumerate(ad.projector_attention)][: len(proj_modules)])
+        vis_modules = ad.vision_attention if through_vision else []
+        vis = AttentionRecorder(vis_modules, [f"vision layer {i}" for i in range(len(vis_modules))])
+        if through_vision and not vis_modules:
+            raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
+        needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
+        io = ProjectorIO(ad.projector)
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(explain_mode(self.model))
+            stack.enter_context(eager_attention(self.model))
+            stack.enter_context(torch.enable_grad())
+            for rec in (llm, proj, vis):
+                stack.enter_context(rec)
+            stack.enter_context(io)
+            logits, offset = self.forward(inputs)
+            for rec in (llm, proj, vis):
+                rec.check_complete()
+            target_logits = self.target_logits(logits, inputs, offset)
+            probs = self.token_probs(logits, inputs, offset)
+            extra = [io.output] if needs_io else []
+            if needs_io and (io.output is None or not io.output.requires_grad):
+                raise RuntimeError("the projector's output was not recorded with a graph")
+            n_llm, n_proj = len(llm.attentions), len(proj.attentions)
+            all_attn = AttentionRecorder([], require_graph=False)
+            all_attn.attentions = [*llm.attentions, *proj.attentions, *vis.attentions]
+            all_attn.names = [*llm.names, *proj.names, *vis.names]
+            all_attn.calls = list(range(len(all_attn.attentions)))
+
+            image_pos = inputs.image_positions
+            device = logits.device
+            dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+            static_q2p = self._static_q2p(dtype, device) if kind in ("linear", "mlp", "avgpool") else None
+
+            t2q_rows, q2p_maps = [], []
+            inputs_for_grad = [*all_attn.attentions, *extra]
+            steps = gradients_per_target(target_logits, inputs_for_grad, grad_batch)
+            for t, grads in tqdm(steps, total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False):
+                cams = all_attn.cams(grads[: len(all_attn.attentions)])
+                llm_cams = [c for c in cams[:n_llm] if c is not None]
+                row = int(inputs.predicting_positions[t])
+                if llm_cams:
+                    t2q = propagate_rows(llm_cams, row)[image_pos]
+                else:
+                    t2q = torch.zeros(image_pos.numel(), dtype=dtype, device=device)
+                t2q_rows.append(t2q)
+
+                r_vit = None
+                if through_vision:
+                    vis_cams = [c for c in cams[n_llm + n_proj :] if c is not None]
+                    n_tok = vis.attentions[0].shape[-1]
+                    r_vit = propagate(vis_cams) if vis_cams else torch.eye(n_tok, dtype=dtype, device=device)
+                if kind == "qformer":
+                    q2p = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
+                elif static_q2p is not None:
+                    q2p = static_q2p
+                    if r_vit is not None:
+                        q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
+                elif grads[-1] is None:  # the target does not depend on the image at all
+                    q2p = torch.zeros(ad.n_queries, ad.n_patches, dtype=dtype, device=device)
+                else:
+                    q2p_feat = gradient_rule_q2p(ad.projector, io.input, grads[-1]).to(dtype)
+                    q2p = self._compose_vit(q2p_feat, r_vit) if r_vit is not None else q2p_feat[:, ad.feature_prefix :]
+                q2p_maps.append(q2p)
+
+        t2q = torch.stack(t2q_rows)
+        per_token = len({id(m) for m in q2p_maps}) > 1
+        if per_token:
+            q2p_stack = torch.stack(q2p_maps)
+            t2p = torch.einsum("tm,tmn->tn", t2q, q2p_stack)
+            q2p_mean = q2p_stack.mean(0)
+        else:
+            q2p_stack = None
+            q2p_mean = q2p_maps[0]
+            t2p = t2q @ q2p_mean
+        return {
+            "text_to_query": t2q.detach(),
+            "query_to_patch": q2p_mean.detach(),
+            "query_to_patch_per_token": None if q2p_stack is None else q2p_stack.detach(),
+            "text_to_patch": t2p.detach(),
+            "token_probs": probs,
+        }
+
+    # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
+    def _feature_q2p(self, dtype, device) -> torch.Tensor:
+        """``[M, N_features]`` over the projector's input tokens (patches plus a kept CLS) for static kinds."""
+        ad = self.adapter
+        if ad.projector_kind in ("linear", "mlp"):
+            return identity_map(ad.n_features, dtype=dtype, device=device)
+        return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype, device=device)
+
+    def _static_q2p(self, dtype, device) -> torch.Tensor:
+        return self._feature_q2p(dtype, device)[:, self.adapter.feature_prefix :]
+
+    def _vit_rows(self) -> slice:
+        ad = self.adapter
+        return slice(ad.vision_prefix - ad.feature_prefix, None)
+
+    def _compose_vit(self, q2p_feat: torch.Tensor, r_vit: torch.Tensor) -> torch.Tensor:
+        """``Q2P_feat · R̄_vit[feature tokens, patch tokens]``."""
+        ad = self.adapter
+        r_bar = normalize_residual(r_vit)
+        return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
+
+    def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
+        ad = self.adapter
+        layers = []
+        for (kind, _), cam, attn in zip(ad.projector_attention, cams, attentions):
+            if cam is None:
+                dt = torch.float32 if attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
+                cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
+            layers.append((kind, cam))
+        n_keys = attentions[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        r_kk = None
+        if r_vit is not None:
+            rows = self._vit_rows()
+            r_kk = r_vit[rows, rows]
+        _, r_qk = propagate_cross_stack(layers, ad.n_queries, n_keys, R_kk=r_kk)
+        return r_qk[:, ad.feature_prefix :]
