@@ -1,43 +1,29 @@
-"""The ``deco`` command line. Subcommands live in :mod:`deco_models.commands`, one module each, with
-``add_parser(subparsers)`` registering an argparse parser whose ``func`` runs the job."""
+"""The ``deco`` command line. Subcommands live in :mod:`deco_models.commands`, one module each."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
-# Module names under deco_models.commands, in the order they appear in --help.
+from deco_models.cli_base import build_parser as _build_parser
+from deco_models.cli_base import run
+
 COMMANDS = ("train", "eval", "generate", "convert", "zoo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deco",
-        description="Train, evaluate, run and convert the DeCo projector-comparison MLLMs.",
-    )
+def build_parser():
     from deco_models import __version__
 
-    parser.add_argument("--version", action="version", version=f"deco {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"deco_models.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"deco_models.commands.{name}":
-                raise
-            continue
-        module.add_parser(sub)
-    return parser
+    return _build_parser(
+        "deco",
+        "Train, evaluate, run and convert the DeCo projector-comparison MLLMs.",
+        __version__,
+        "deco_models.commands",
+        COMMANDS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    return int(args.func(args) or 0)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

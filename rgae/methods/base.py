@@ -9,9 +9,7 @@ step-by-step generation of the same target would give (tests/test_reference.py c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,76 +22,42 @@ DEFAULT_INSTRUCTION = "Describe the image in one sentence."
 
 
 def load_image(image) -> Any:
-    """A PIL RGB image from a path, a PIL image or an array, in any mode.
+    """A PIL RGB image from a path, a PIL image or an array, in any mode (one image: batches are refused).
 
-    Handling: grayscale is replicated to RGB; alpha is composited on white (transparent pixels would otherwise turn
-    black); 16-bit and 32-bit integer images are scaled by their type's maximum (PIL's own ``convert("RGB")`` clips
-    them); float arrays are read as [0, 1]; ``[C, H, W]`` arrays with C in (1, 3, 4) are transposed.
+    Conversion is :func:`deco_models.processing.load_image`'s: grayscale replicated, alpha composited on white,
+    16-bit scaled (not clipped), floats read as [0, 1]; a missing or corrupt file raises ``ValueError``.
 
     Example:
         >>> import numpy as np
         >>> load_image(np.zeros((4, 5), dtype=np.uint16)).size, load_image(np.zeros((4, 5), dtype=np.uint16)).mode
         ((5, 4), 'RGB')
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"could not read image file {str(path)!r}: {exc}") from exc
+    from deco_models.processing import load_image as load_rgb_array
+
     if isinstance(image, list | tuple):
         raise ValueError("explain one image at a time (batch size 1); got a sequence of images")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGB",):
-            return image
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            image = np.array(image)
-        else:
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
-    arr = image
-    if arr.ndim == 4:
-        if arr.shape[0] != 1:
-            raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {arr.shape}")
-        arr = arr[0]
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ValueError(f"image array must be [H, W], [H, W, 3|4] or [3|4, H, W], got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"image array is empty (shape {arr.shape})")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
+    if isinstance(image, np.ndarray):
+        if image.ndim == 4:
+            if image.shape[0] != 1:
+                raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {image.shape}")
+            image = image[0]
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = np.moveaxis(image, 0, -1)  # [C, H, W] -> [H, W, C]
+        if image.size == 0:
+            raise ValueError(f"image array is empty (shape {image.shape})")
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             raise ValueError("image array contains NaN or inf")
-        arr = np.clip(arr, 0.0, 1.0) * 255.0
-    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
-        info = np.iinfo(arr.dtype)
-        top = 65535 if info.max >= 65535 else info.max
-        arr = np.clip(arr.astype(np.float64), 0, top) / top * 255.0
-    arr = np.rint(arr).astype(np.uint8) if arr.dtype != np.uint8 else arr
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.shape[-1] == 4:
-        alpha = arr[..., 3:4].astype(np.float64) / 255.0
-        arr = np.rint(arr[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image
+    try:
+        rgb = load_rgb_array(image)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    return Image.fromarray(rgb, mode="RGB")
 
 
 def tokenizer_of(processor):
