@@ -257,8 +257,11 @@ def save_base(base_dir: str | os.PathLike, vision_dir: str | os.PathLike, llm_di
 
 
 def build_model(base_dir: str | os.PathLike, projector: str, vision_feature_layer: int = -2, seed: int = 0,
-                chat_template: str = "vicuna_v1"):
+                chat_template: str = "vicuna_v1", match_embedding_norm: bool = True):
     """A fresh deco model (pretrained vision tower and LLM from ``base_dir``, new projector) and its processor.
+
+    With ``match_embedding_norm`` the new projector's last linear layer is rescaled so its outputs have the mean norm
+    of the LLM's word embeddings (see :func:`match_projector_norm`).
 
     This is the ``model.builder`` of the recipe's training configs:
     ``"deco_models.recipes.shapes_mini:build_model"`` with ``builder_kwargs={"base_dir": ..., "projector": ...}``.
@@ -288,7 +291,35 @@ def build_model(base_dir: str | os.PathLike, projector: str, vision_feature_laye
     model.lm_head.load_state_dict({"weight": llm_state["lm_head.weight"]})
     processor = DecoProcessor(load_image_processor(base), tokenizer, num_image_tokens=config.num_image_tokens,
                               image_aspect="pad", chat_template=chat_template)
+    if match_embedding_norm:
+        match_projector_norm(model, seed=seed)
     return model, processor
+
+
+def match_projector_norm(model, n_scenes: int = 16, seed: int = 0) -> float:
+    """Rescale the projector's last ``nn.Linear`` (weight and bias: its output is linear in them) so that image
+    tokens start with the mean norm of the LLM's word embeddings, on a few training-distribution scenes.
+
+    Why: the frozen encoder's layer -2 features have norms around 60 while the tiny LLM's embeddings have about 0.35,
+    so a default-initialized projector feeds image tokens ~50x louder than words; stage 1 (LLM frozen) then sits at
+    the text-only loss for hundreds of steps. Returns the factor applied.
+    """
+    import torch
+
+    linears = [m for m in model.model.multi_modal_projector.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return 1.0
+    images = np.stack([shapes.generate_scene((seed + 3000, i), max_objects=3).image for i in range(n_scenes)])
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=images_to_pixels(images))
+        features = getattr(features, "pooler_output", features)
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+        target = model.get_input_embeddings().weight.norm(dim=-1).mean()
+        factor = float(target / features.norm(dim=-1).mean())
+        linears[-1].weight.mul_(factor)
+        if linears[-1].bias is not None:
+            linears[-1].bias.mul_(factor)
+    return factor
 
 
 # ------------------------------------------------------------------------------------------ stages 1 and 2
