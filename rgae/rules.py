@@ -410,17 +410,19 @@ def propagate_rows(cams, rows) -> torch.Tensor:
     ref = layers[0] if layers else cams
     k = len(index)
     kw = {"dtype": ref.dtype, "device": ref.device}
-    v = torch.zeros(*shape[:-2], k, n, **kw)
-    v[..., torch.arange(k, device=v.device), torch.tensor(index, device=v.device)] = 1.0
     # The products are memory-bound: a separate finiteness scan would read every map a second time and double the
-    # cost. Instead an extra all-ones row rides along: its product is the map's column sums, non-finite
-    # whenever the map holds a NaN or inf (every entry is multiplied by 1, none skipped as a zero).
-    ones = torch.ones(*shape[:-2], 1, n, **kw)
+    # cost. Instead an extra all-ones row rides along in one buffer: its product is the map's column sums,
+    # non-finite whenever the map holds a NaN or inf (every entry is multiplied by 1, none skipped as a zero).
+    # The buffer is updated in place so each layer costs one (k+1)-row product and no concatenation.
+    buffer = torch.zeros(*shape[:-2], k + 1, n, **kw)
+    buffer[..., torch.arange(k, device=buffer.device), torch.tensor(index, device=buffer.device)] = 1.0
+    buffer[..., k, :] = 1.0
     column_sums = torch.zeros(*shape[:-2], 1, n, **kw)
     for cam in reversed(layers):
-        out = torch.cat([v, ones], dim=-2) @ cam
-        v = v + out[..., :k, :]
+        out = buffer @ cam
+        buffer[..., :k, :] += out[..., :k, :]
         column_sums = column_sums + out[..., k:, :]
+    v = buffer[..., :k, :]
     if not bool(torch.isfinite(column_sums).all()):
         # NaN/inf in a map, or merely huge finite values whose sums overflowed: the exact scan tells which.
         for i, cam in enumerate(layers):
