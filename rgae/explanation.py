@@ -236,18 +236,14 @@ class Explanation:
     def _repr_png_(self) -> bytes | None:
         import io
 
+        # rgae.viz builds figures without pyplot, so showing an explanation neither switches the user's backend nor
+        # leaves figures registered with it.
         try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-
             fig = self.plot()
         except Exception:  # a repr must never raise in a notebook
             return None
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
         return buf.getvalue()
 
     def __repr__(self) -> str:

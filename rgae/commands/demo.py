@@ -157,10 +157,6 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
         >>> sorted(summary["models"])  # doctest: +SKIP
         ['tiny-avgpool2_36', 'tiny-mlp2x_gelu']
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     import rgae.methods as rgae_methods
@@ -250,7 +246,6 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
             for fmt in formats:
                 viz.save_figure(fig, out / f"comparison-{image_name}-{_slug(model_name)}.{fmt}", fmt=fmt, dpi=dpi)
                 n_figures += 1
-            plt.close("all")
             if "rgae" in by_method:
                 rgae_by_image[image_name][model_name] = by_method["rgae"]
         entry["total_s"] = round(time.perf_counter() - t0, 3)
@@ -266,7 +261,6 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
             for fmt in formats:
                 viz.save_figure(fig, out / f"projectors-{image_name}.{fmt}", fmt=fmt, dpi=dpi)
                 n_figures += 1
-            plt.close("all")
     summary["figures"] = n_figures
     summary["total_s"] = round(time.perf_counter() - start, 2)
     _write_summary(out, summary)
@@ -278,8 +272,6 @@ QUICK_FIGURES = (("R_t_i", ""), ("decomposition", ""))
 
 def _save_quick_figures(expl, folder: Path, formats, dpi: int) -> int:
     """The default figure subset (the budget allows it): the sentence map and the three-panel decomposition."""
-    import matplotlib.pyplot as plt
-
     from rgae import viz
 
     written = 0
@@ -292,7 +284,6 @@ def _save_quick_figures(expl, folder: Path, formats, dpi: int) -> int:
                                        ext=fmt)
             viz.save_figure(fig, folder / name, fmt=fmt, dpi=dpi)
             written += 1
-        plt.close(fig)
     return written
 
 
