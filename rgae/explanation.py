@@ -153,36 +153,38 @@ class Explanation:
 
     def word_text_to_patch(self, word: int | str) -> torch.Tensor:
         """``[N]``: a word's map, the mean of its subword tokens' maps."""
-        return self.text_to_patch[self.word_tokens(word)].mean(dim=0)
+        return self.patch_values(word=word)
 
     def word_text_to_query(self, word: int | str) -> torch.Tensor | None:
-        if self.text_to_query is None:
-            return None
-        return self.text_to_query[self.word_tokens(word)].mean(dim=0)
+        return self.query_values(word=word)
 
-    def patch_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
-        """``[grid_h, grid_w]`` Text-to-Patch map of one token, one word, or (default) the sentence."""
+    def _select(self, per_token: torch.Tensor, token: int | None, word: int | str | None) -> torch.Tensor:
+        """One token's row, one word's mean row, or (default) the mean over all target tokens."""
         if token is not None and word is not None:
             raise ValueError("give token= or word=, not both")
         if token is not None:
-            flat = self.text_to_patch[token]
-        elif word is not None:
-            flat = self.word_text_to_patch(word)
-        else:
-            flat = self.sentence_text_to_patch
-        return flat.reshape(self.patch_grid)
+            return per_token[token]
+        if word is not None:
+            return per_token[self.word_tokens(word)].mean(dim=0)
+        return per_token.mean(dim=0)
+
+    def patch_values(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
+        """``[N]`` Text-to-Patch relevance of one token, one word, or (default) the sentence."""
+        return self._select(self.text_to_patch, token, word)
+
+    def query_values(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor | None:
+        """``[M]`` Text-to-Query relevance of one token, one word, or the sentence (None without queries)."""
+        return None if self.text_to_query is None else self._select(self.text_to_query, token, word)
+
+    def patch_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
+        """``[grid_h, grid_w]`` Text-to-Patch map of one token, one word, or (default) the sentence."""
+        return self.patch_values(token, word).reshape(self.patch_grid)
 
     def query_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor | None:
         """``[q_h, q_w]`` Text-to-Query map of one token, one word, or the sentence (None without queries)."""
         if self.text_to_query is None or self.query_grid is None:
             return None
-        if token is not None:
-            flat = self.text_to_query[token]
-        elif word is not None:
-            flat = self.word_text_to_query(word)
-        else:
-            flat = self.sentence_text_to_query
-        return flat.reshape(self.query_grid)
+        return self.query_values(token, word).reshape(self.query_grid)
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -219,13 +219,7 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
     if style not in ("heatmap", "grid"):
         raise ValueError(f"style must be 'heatmap' or 'grid', got {style!r}")
     qh, qw = _resolve_query_grid(expl)
-    if token is not None:
-        flat = expl.text_to_query[token]
-    elif word is not None:
-        flat = expl.word_text_to_query(word)
-    else:
-        flat = expl.sentence_text_to_query
-    values = to_numpy_map(flat.reshape(qh, qw), name="text_to_query")
+    values = to_numpy_map(expl.query_values(token=token, word=word).reshape(qh, qw), name="text_to_query")
     unit = normalize_map(values, "per_map")
     ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5))
     ax.set_xlim(-0.5, qw - 0.5)
