@@ -105,12 +105,12 @@ def random_image(seed=0, hw=(20, 28)):
 def _cam(attn, grad):
     """mean over heads of (G ⊙ A)+, clamped per head."""
     if grad is None:
-        return torch.zeros(attn.shape[-2:], dtype=attn.dtype)
+        return torch.zeros(attn.shape[-2:], dtype=attn.dtype, device=attn.device)
     return (grad[0] * attn[0]).clamp(min=0).mean(0).detach()
 
 
 def _normalize(R):
-    eye = torch.eye(R.shape[0], dtype=R.dtype)
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
     res = R - eye
     s = res.sum(-1, keepdim=True)
     s[s == 0] = 1
@@ -153,7 +153,7 @@ def reference_rgae(model, inputs, through_vision=False):
         n_llm, n_proj = len(llm_attn), len(proj_store)
         # Text-to-Query: the full product R = (I + cam_L) ... (I + cam_1), last row, image columns.
         n = ids.shape[1]
-        R = torch.eye(n, dtype=logit.dtype)
+        R = torch.eye(n, dtype=logit.dtype, device=logit.device)
         for a, g in zip(llm_attn, grads[:n_llm]):
             R = R + _cam(a, g) @ R
         t2q = R[-1, img_pos]
@@ -161,24 +161,24 @@ def reference_rgae(model, inputs, through_vision=False):
         r_vit = None
         if through_vision:
             nv = vis_store[0].shape[-1]
-            r_vit = torch.eye(nv, dtype=logit.dtype)
+            r_vit = torch.eye(nv, dtype=logit.dtype, device=logit.device)
             for a, g in zip(vis_store, grads[n_llm + n_proj : -1]):
                 r_vit = r_vit + _cam(a, g) @ r_vit
         x, y = io["x"], io["y"]
         n_patch, m = ad.n_patches, ad.n_queries
         if kind in ("linear", "mlp"):
-            q2p = torch.eye(m, dtype=logit.dtype)
+            q2p = torch.eye(m, dtype=logit.dtype, device=logit.device)
         elif kind == "avgpool":
             # The Jacobian of adaptive_avg_pool2d on the patch grid (rows: queries, cols: patches).
             def pool(z, grid=ad.patch_grid, out=ad.query_grid):
                 return F.adaptive_avg_pool2d(z.view(1, 1, *grid), out).flatten()
 
-            q2p = torch.autograd.functional.jacobian(pool, torch.zeros(n_patch, dtype=logit.dtype))
+            q2p = torch.autograd.functional.jacobian(pool, torch.zeros(n_patch, dtype=logit.dtype, device=logit.device))
         elif kind == "qformer":
-            R_qq = torch.eye(m, dtype=logit.dtype)
-            R_qk = torch.zeros(m, n_patch, dtype=logit.dtype)
+            R_qq = torch.eye(m, dtype=logit.dtype, device=logit.device)
+            R_qk = torch.zeros(m, n_patch, dtype=logit.dtype, device=logit.device)
             pre = ad.vision_prefix
-            R_kk = torch.eye(n_patch, dtype=logit.dtype) if r_vit is None else r_vit[pre:, pre:]
+            R_kk = torch.eye(n_patch, dtype=logit.dtype, device=logit.device) if r_vit is None else r_vit[pre:, pre:]
             for (lk, _), a, g in zip(ad.projector_attention, proj_store, grads[n_llm : n_llm + n_proj]):
                 cam = _cam(a, g)
                 if lk == "self":

@@ -342,6 +342,53 @@ def test_align_then_lora_finetune_loss_decreases_and_saves_the_projector(caption
         assert torch.allclose(reloaded(**batch).logits, trained(**batch).logits, atol=1e-5)
 
 
+def test_lora_full_train_trains_norms_embeddings_and_head_and_exports_them(caption_data, tmp_path):
+    """``lora.full_train``: the matched LLM parameters train in full beside the adapters, the other base weights
+    stay frozen, and LLaVA's layout carries them in non_lora_trainables."""
+    from deco_models.train import train
+
+    model, processor = tiny()
+    llm0 = snapshot(model.model.language_model)
+    head0 = model.lm_head.weight.detach().clone()
+    config = {
+        "data": {"data_path": str(caption_data / "chat.jsonl"), "image_folder": str(caption_data / "images")},
+        "train": {"stage": "finetune", "output_dir": str(tmp_path / "ft"), "max_steps": 4,
+                  "per_device_batch_size": 4, "lr": 1e-2, "save_steps": 100, "report_to": "none", "seed": 0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "full_train": ["norm", "embed_tokens", "lm_head"]},
+    }
+    ft = train(config, model=model, processor=processor)
+    trainable = {n for n, p in ft.model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("lm_head.weight") for n in trainable)
+    assert any("input_layernorm" in n for n in trainable) and any("embed_tokens" in n for n in trainable)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
+    llm1 = {k.replace("base_layer.", ""): v for k, v in snapshot(model.model.language_model).items()
+            if "lora_" not in k}
+    changed = {k for k in llm0 if not torch.equal(llm0[k], llm1[k])}
+    assert changed and all("norm" in k or "embed_tokens" in k for k in changed), changed
+    assert not torch.equal(head0, model.lm_head.weight)
+
+    from safetensors.torch import load_file
+
+    non_lora = load_file(tmp_path / "ft" / "llava_lora" / "non_lora_trainables.safetensors")
+    assert "base_model.model.lm_head.weight" in non_lora
+    assert "base_model.model.model.embed_tokens.weight" in non_lora
+    assert "base_model.model.model.layers.0.input_layernorm.weight" in non_lora
+
+
+def test_lora_full_train_pattern_that_matches_nothing_is_an_error(caption_data, tmp_path):
+    from deco_models.train import train
+
+    model, processor = tiny()
+    config = {
+        "data": {"data_path": str(caption_data / "chat.jsonl"), "image_folder": str(caption_data / "images")},
+        "train": {"stage": "finetune", "output_dir": str(tmp_path / "ft"), "max_steps": 1,
+                  "per_device_batch_size": 4, "report_to": "none"},
+        "lora": {"r": 4, "full_train": ["layernrom"]},
+    }
+    with pytest.raises(ValueError, match="layernrom"):
+        train(config, model=model, processor=processor)
+
+
 def test_one_stage_full_finetune_from_a_fresh_projector(caption_data, tmp_path):
     from deco_models.train import train
 

@@ -115,8 +115,11 @@ def test_rgae_localizes_named_objects_on_held_out_scenes(name):
     ours = pointing_game(rgae.RGAE(model, processor), n_scenes=100, progress=False)
     raw_last = pointing_game(RawAttention(model, processor), n_scenes=100, progress=False, layer=-1)
     assert ours["n_words"] >= 150
-    assert ours["hit_rate"] >= ours["random"] + 0.25, ours
-    assert ours["hit_rate"] >= raw_last["hit_rate"] + 0.1, (ours, raw_last)
-    target = POINTING_TARGETS[zoo.resolve(name).projector]
+    projector = zoo.resolve(name).projector
+    # The issue's margins for the uncompressed model; a looser sanity margin for the pooled one.
+    above_random, above_raw = (0.40, 0.15) if projector == "mlp2x_gelu" else (0.25, 0.10)
+    assert ours["hit_rate"] >= ours["random"] + above_random, ours
+    assert ours["hit_rate"] >= raw_last["hit_rate"] + above_raw, (ours, raw_last)
+    target = POINTING_TARGETS[projector]
     if ours["hit_rate"] < target:
         pytest.xfail(f"{name}: pointing game {ours['hit_rate']:.3f} < issue 7's target {target}")

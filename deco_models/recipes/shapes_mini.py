@@ -9,8 +9,9 @@ Steps (each a function, each resumable from what it wrote to ``out_dir``):
    last one; frozen afterwards.
 3. :func:`pretrain_llm` — a tiny ``LlamaForCausalLM`` (hidden 128, 4 layers, 4 heads) trained on the world's text
    (captions, questions and answers) so stage 2 starts from a model that already speaks the world's language.
-4. :func:`train_projector_models` — per projector, stage 1 (projector alignment on captions) and stage 2 (LoRA
-   instruction tuning on the task mix) through :func:`deco_models.train.train`.
+4. :func:`train_projector_model` — per projector, stage 1 (projector alignment on captions) and stage 2 (LoRA
+   instruction tuning on the task mix, with the LLM's norms, embeddings and output head trained in full beside the
+   adapters) through :func:`deco_models.train.train`. Stages run on CUDA when it is available, else on the CPU.
 
 Command line: ``python -m deco_models.recipes.shapes_mini OUT_DIR [--quick] [--steps ...]`` or
 ``deco train --recipe shapes-mini``.
@@ -364,15 +365,29 @@ def make_datasets(data_dir: str | os.PathLike, n_scenes: int, seed: int = TRAIN_
     return data
 
 
+# Stage 2 trains these LLM parameters in full beside the LoRA adapters (they land in non_lora_trainables, as any
+# non-LoRA trainable does in LLaVA's layout). Why: on the shapes world, LoRA alone (r 32-128, same data and steps)
+# reached 0.53-0.56 pointing game on the MLP model against 0.78-0.82 for full fine-tuning; training the norms,
+# embeddings and head in full closes most of that gap (0.68-0.74) while keeping the published LoRA layout.
+LORA_FULL_TRAIN = ("norm", "embed_tokens", "lm_head")
+
+
 def stage_configs(base_dir, data_dir, projector: str, run_dir, align_steps: int, finetune_steps: int,
-                  align_batch: int = 32, finetune_batch: int = 16, align_lr: float = 3e-3, finetune_lr: float = 2e-3,
-                  lora_r: int = 32, seed: int = 0) -> tuple[dict, dict]:
-    """The two :func:`deco_models.train.train` configs (dicts) for one projector."""
+                  align_batch: int = 32, finetune_batch: int = 32, align_lr: float = 3e-3, finetune_lr: float = 1e-3,
+                  lora_r: int = 128, lora_full_train=LORA_FULL_TRAIN, seed: int = 0,
+                  device: str | None = None) -> tuple[dict, dict]:
+    """The two :func:`deco_models.train.train` configs (dicts) for one projector. ``device``: ``"cpu"`` forces the
+    CPU; None uses CUDA when available (as transformers' Trainer does)."""
+    import torch
+
     run = Path(run_dir)
     model = {"builder": BUILDER, "builder_kwargs": {"base_dir": str(base_dir), "projector": projector}}
+    training_args = {"dataloader_drop_last": True}
+    if device == "cpu" or not torch.cuda.is_available():
+        training_args["use_cpu"] = True
     common_train = dict(warmup_ratio=0.05, lr_scheduler="cosine", seed=seed,
                         save_steps=100, save_total_limit=1, logging_steps=10, report_to="none",
-                        training_args={"dataloader_drop_last": True, "use_cpu": True})
+                        training_args=training_args)
     data = {"image_folder": str(data_dir), "check_images": "none", "max_length": 512, "group_by_length": False}
     align = {
         "model": model,
@@ -385,7 +400,8 @@ def stage_configs(base_dir, data_dir, projector: str, run_dir, align_steps: int,
         "data": {**data, "data_path": str(Path(data_dir) / "finetune.json"), "template": "vicuna_v1"},
         "train": {**common_train, "stage": "finetune", "output_dir": str(run / "finetune"), "lr": finetune_lr,
                   "projector_lr": finetune_lr, "max_steps": finetune_steps, "per_device_batch_size": finetune_batch},
-        "lora": {"enable": True, "r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0},
+        "lora": {"enable": True, "r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0,
+                 "full_train": list(lora_full_train) if lora_full_train else None},
     }
     return align, finetune
 
@@ -507,11 +523,19 @@ def load_trained(base_dir, model_dir, attn_implementation: str | None = "eager")
 # ------------------------------------------------------------------------------------------------ whole recipe
 
 PROJECTORS = ("mlp2x_gelu", "avgpool2_36", "qformer2_36", "cabstractor_36")
+# The shipped models' stage settings (chosen on held-out scenes from a sweep on one GPU; see the README's table).
 FULL = dict(n_scenes=8000, vision_steps=600, vision_batch=32, llm_steps=250, llm_batch=32, align_steps=100,
-            align_batch=32, finetune_steps=900, finetune_batch=16, eval_scenes=200, projectors=PROJECTORS)
+            align_batch=32, align_lr=3e-3, finetune_steps=3000, finetune_batch=32, finetune_lr=1e-3, lora_r=128,
+            eval_scenes=200, projectors=("mlp2x_gelu", "avgpool2_36", "qformer2_36"))
+# Per-projector departures from FULL, applied unless the caller sets the key: the MLP model localized better with
+# rank 64 (0.74 vs 0.68 pointing game at rank 128); the Q-Former needs a longer, gentler stage 1 (at 3e-3 its
+# queries stayed at the text-only loss).
+PROJECTOR_SETTINGS = {"mlp2x_gelu": {"lora_r": 64}, "qformer2_36": {"align_steps": 300, "align_lr": 1e-3}}
 # CI's end-to-end run: every step of the real recipe, at sizes that finish in a few minutes on 2 cores.
 QUICK = dict(n_scenes=48, vision_steps=8, vision_batch=8, llm_steps=8, llm_batch=8, align_steps=3,
-             align_batch=4, finetune_steps=3, finetune_batch=4, eval_scenes=3, projectors=("mlp2x_gelu", "avgpool2_36"))
+             align_batch=4, finetune_steps=3, finetune_batch=4, lora_r=8, eval_scenes=3,
+             projectors=("mlp2x_gelu", "avgpool2_36"))
+STAGE_KEYS = ("align_steps", "align_batch", "align_lr", "finetune_steps", "finetune_batch", "finetune_lr", "lora_r")
 BASE_FILES = {"vision": ("config.json", "model.safetensors"),
               "llm": ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
 # LLaVA's published LoRA layout, weights in safetensors only (non_lora_trainables.bin is the same tensors pickled).
@@ -530,7 +554,8 @@ def run(out_dir: str | os.PathLike, quick: bool = False, projectors=None, ship_t
         from deco_models.recipes import shapes_mini
         shapes_mini.run("runs/shapes-mini", quick=True)
     """
-    plan = {**(QUICK if quick else FULL), **{k: v for k, v in sizes.items() if v is not None}}
+    explicit = {k: v for k, v in sizes.items() if v is not None}
+    plan = {**FULL, **(QUICK if quick else {}), **explicit}
     unknown = set(plan) - set(FULL)
     if unknown:
         raise ValueError(f"unknown recipe sizes {sorted(unknown)}; expected some of {sorted(FULL)}")
@@ -548,15 +573,16 @@ def run(out_dir: str | os.PathLike, quick: bool = False, projectors=None, ship_t
         metrics_file = run_dir / "finetune" / "metrics.json"
         if not metrics_file.is_file():
             already_trained = published_layout(run_dir / "finetune") is not None
+            stages = {k: plan[k] for k in STAGE_KEYS}
+            if not quick:
+                stages.update({k: v for k, v in PROJECTOR_SETTINGS.get(projector, {}).items() if k not in explicit})
             start = time.time()
-            train_projector_model(base, data, projector, run_dir, align_steps=plan["align_steps"],
-                                  finetune_steps=plan["finetune_steps"], align_batch=plan["align_batch"],
-                                  finetune_batch=plan["finetune_batch"])
+            train_projector_model(base, data, projector, run_dir, **stages)
             train_seconds = time.time() - start
             model, processor = load_trained(base, published_layout(run_dir / "finetune"))
             metrics = {"projector": projector, "train_seconds": None if already_trained else round(train_seconds, 1),
                        "caption_word_accuracy": caption_word_accuracy(model, processor, plan["eval_scenes"]),
-                       **{k: plan[k] for k in ("align_steps", "align_batch", "finetune_steps", "finetune_batch")}}
+                       **stages}
             metrics_file.write_text(json.dumps(metrics, indent=2))
         results[projector] = json.loads(metrics_file.read_text())
     if ship_to is not None:

@@ -103,6 +103,9 @@ class LoraArgs:
     alpha: int = 256
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None: every nn.Linear inside the language model (not lm_head)
+    # LLM parameters trained in full beside the adapters, matched by a substring of a dotted name component
+    # ("norm": every RMSNorm, "embed_tokens", "lm_head"); LLaVA's layout keeps them in non_lora_trainables.
+    full_train: list[str] | None = None
 
 
 @dataclass

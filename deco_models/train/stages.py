@@ -85,6 +85,8 @@ def prepare_model_for_stage(model: nn.Module, config: TrainConfig) -> nn.Module:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+        if config.lora.full_train:
+            train_in_full(model, config.lora.full_train)
         if not config.train.freeze_vision:
             # After wrapping: peft freezes everything that is not an adapter or in modules_to_save.
             get_submodule_by_suffix(model, VISION).requires_grad_(True)
@@ -106,6 +108,29 @@ def prepare_model_for_stage(model: nn.Module, config: TrainConfig) -> nn.Module:
     logger.info("stage %s: %s of %s parameters train (%.2f%%)", stage, f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1))
     return model
+
+
+def train_in_full(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Unfreeze the language model's (and ``lm_head``'s) parameters whose dotted name has a component containing one
+    of ``patterns``; returns their names. Raises if a pattern matches nothing, so a typo cannot silently train less.
+
+    Example: ``train_in_full(peft_model, ["norm", "embed_tokens", "lm_head"])`` trains every RMSNorm, the input
+    embeddings and the output head in full beside the LoRA adapters.
+    """
+    language = find_module_name(model, LANGUAGE) + "."
+    unused, names = set(patterns), []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if not (name.startswith(language) or "lm_head" in parts) or "lora_" in name:
+            continue
+        hit = [p for p in patterns if any(p in part for part in parts)]
+        if hit:
+            param.requires_grad_(True)
+            names.append(name)
+            unused.difference_update(hit)
+    if unused:
+        raise ValueError(f"lora.full_train patterns {sorted(unused)} match no language-model parameter")
+    return names
 
 
 def get_submodule_by_suffix(model: nn.Module, suffix: str) -> nn.Module:
