@@ -269,7 +269,32 @@ def test_batched_gradients_equal_the_loop(projector):
     model, proc = tiny_deco(projector)
     explainer = RGAE(model, proc)
     inputs = explainer.prepare(random_image(), "a red circle on the green pot", None)
-    loop = explainer.compute(inputs, through_vision=True)
+    loop = explainer.compute(inputs, through_vision=True, grad_batch=1)
     batched = explainer.compute(inputs, through_vision=True, grad_batch=4)  # 6 tokens: chunks of 4 and 2
     for key in ("text_to_query", "text_to_patch", "query_to_patch"):
         assert (loop[key] - batched[key]).abs().max() <= 1e-12, key
+
+
+def test_auto_grad_batch_is_one_token_at_a_time_on_the_cpu():
+    from rgae.methods.rgae import auto_grad_batch
+
+    logits = torch.zeros(6, requires_grad=True)
+    assert auto_grad_batch(logits, [torch.zeros(4, 8, 8)]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_grad_batch_on_cuda_batches_within_the_budget_and_keeps_the_maps():
+    from rgae.methods.rgae import AUTO_GRAD_BATCH_BYTES, auto_grad_batch
+
+    logits = torch.zeros(40, device="cuda")
+    assert auto_grad_batch(logits, [torch.zeros(4, 8, 8, device="cuda")]) == 16
+    huge = torch.empty(1, device="cuda").expand(AUTO_GRAD_BATCH_BYTES // 4 // 3)  # numel without the memory
+    free, _ = torch.cuda.mem_get_info()
+    expected = max(1, min(16, min(AUTO_GRAD_BATCH_BYTES, free // 4) // (huge.numel() * 4)))
+    assert auto_grad_batch(logits, [huge]) == expected
+    model, proc = tiny_deco("avgpool2_4")
+    model = model.cuda()
+    explainer = RGAE(model, proc)
+    inputs = explainer.prepare(random_image(), "a red circle on the green pot", None)
+    auto, loop = explainer.compute(inputs), explainer.compute(inputs, grad_batch=1)
+    assert (auto["text_to_patch"] - loop["text_to_patch"]).abs().max() <= 1e-10

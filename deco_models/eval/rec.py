@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_SPLIT_DECIMAL = re.compile(r"(\d)\.\s+(\d)")
 _BOX = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
 
 
@@ -35,10 +36,13 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
         (0.12, 0.3, 0.5, 0.77)
         >>> parse_box("no box here") is None
         True
+        >>> parse_box("[ 0. 26, 0. 55, 0. 59, 0. 89 ]")  # a word-level tokenizer's decoding of [0.26, ...]
+        (0.26, 0.55, 0.59, 0.89)
     """
     if not isinstance(text, str):
         raise ValueError(f"expected the model's answer text, got {type(text).__name__}: {text!r}")
-    match = _BOX.search(text)
+    # Tokenizers that split "0.26" into "0" "." "26" decode it with a space after the point.
+    match = _BOX.search(_SPLIT_DECIMAL.sub(r"\1.\2", text))
     if match is None:
         return None
     return tuple(float(g) for g in match.groups())
