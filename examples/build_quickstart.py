@@ -31,9 +31,9 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notic
     ("md", """## 1. Load a model
 
 The shapes-mini models ship with `deco_models` (`zoo.available()`) and differ only in the projector: `mlp2x_gelu`
-keeps all 144 patches, `avgpool2_36` (DeCo) pools them to 36 (no Q-Former model is shipped yet). If none is installed
-(train them with `deco train --recipe shapes-mini`), the notebook falls back to a **tiny random model**: everything
-runs, but its maps mean nothing."""),
+keeps all 144 patches, `avgpool2_36` (DeCo) pools them to 36, `qformer2_36` resamples them with 36 learned queries.
+If none is installed (train them with `deco train --recipe shapes-mini`), the notebook falls back to a **tiny random
+model**: everything runs, but its maps mean nothing."""),
     ("code", """names = zoo.available()
 print("installed models:", names or "none")
 if names:

@@ -8,7 +8,8 @@ Layout (inside the installed package)::
     zoo/shapes-mini/<projector>/        one model in LLaVA's published LoRA layout: config.json (LLaVA,
                                         mm_vision_tower -> ../base/vision), adapter_config.json +
                                         adapter_model.safetensors (LoRA on the LLM), non_lora_trainables.safetensors
-                                        (the projector), metrics.json (held-out quality measured after training)
+                                        (the projector and the LLM tensors trained in full: norms, embeddings,
+                                        head), metrics.json (held-out quality measured after training)
 
 A model's name is ``shapes-mini-<projector>`` (``shapes-mini-mlp2x_gelu``, ``shapes-mini-avgpool2_36``, ...).
 

@@ -257,7 +257,9 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
                 continue
             first = next(iter(by_model.values()))
             columns = _comparison_words(first, scene if image_name == "shapes" else None)
-            fig = viz.plot_comparison(by_model, words=columns)
+            # Row labels: the projector spec (what differs between the models), short enough for the margin.
+            fig = viz.plot_comparison({name.removeprefix("shapes-mini-"): e for name, e in by_model.items()},
+                                      words=columns)
             for fmt in formats:
                 viz.save_figure(fig, out / f"projectors-{image_name}.{fmt}", fmt=fmt, dpi=dpi)
                 n_figures += 1
