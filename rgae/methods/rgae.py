@@ -146,9 +146,9 @@ class RGAE(Explainer):
     ``attribute(image, target=None, prompt=None, through_vision=False, max_new_tokens=32, progress=False,
     grad_batch=None)`` returns an :class:`~rgae.Explanation` with per-token ``text_to_query [T, M]``,
     ``text_to_patch [T, N]`` and ``query_to_patch [M, N]`` (the mean over target tokens when it depends on the
-    target: Q-Former, gradient rule, ``through_vision``; then ``T2P_t = T2Q_t · Q2P_t`` uses each token's own map). ``grad_batch``: target tokens
-    differentiated per backward pass (None: batched on CUDA within a memory budget, one at a time on the CPU; see
-    :func:`auto_grad_batch`); the maps are the same either way.
+    target: Q-Former, gradient rule, ``through_vision``; then ``T2P_t = T2Q_t · Q2P_t`` uses each token's own map).
+    ``grad_batch``: target tokens differentiated per backward pass (None: batched on CUDA within a memory budget,
+    one at a time on the CPU; see :func:`auto_grad_batch`); the maps are the same either way.
     """
 
     method = "rgae"
