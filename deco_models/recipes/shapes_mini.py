@@ -366,8 +366,8 @@ def make_datasets(data_dir: str | os.PathLike, n_scenes: int, seed: int = TRAIN_
 
 
 # Stage 2 trains these LLM parameters in full beside the LoRA adapters (they land in non_lora_trainables, as any
-# non-LoRA trainable does in LLaVA's layout). Why: on the shapes world, LoRA alone (r 32-128, same data and steps)
-# reached 0.53-0.56 pointing game on the MLP model against 0.78-0.82 for full fine-tuning; training the norms,
+# non-LoRA trainable does in LLaVA's layout). Why: on the shapes world, LoRA alone (r 32-128, similar schedules)
+# reached 0.39-0.56 pointing game on the MLP model against 0.78-0.82 for full fine-tuning; training the norms,
 # embeddings and head in full closes most of that gap (0.68-0.74) while keeping the published LoRA layout.
 LORA_FULL_TRAIN = ("norm", "embed_tokens", "lm_head")
 
