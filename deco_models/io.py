@@ -24,6 +24,27 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     return target
 
 
+def read_json_lines(text: str, source: str | os.PathLike) -> list:
+    """The JSON values of a JSON Lines text, one per non-empty line; a bad line raises ``ValueError`` naming
+    ``source:line``.
+
+    Example:
+        >>> read_json_lines('{"a": 1}\\n\\n{"a": 2}\\n', "q.jsonl")
+        [{'a': 1}, {'a': 2}]
+    """
+    import json
+
+    values = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{line_no}: not a JSON record ({exc})") from None
+    return values
+
+
 def load_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> dict:
     """Load a ``.bin``/``.pt`` state dict with ``weights_only=True`` (never unpickle arbitrary objects)."""
     import pickle

@@ -300,7 +300,7 @@ def _baseline_pixels(pixel_values: torch.Tensor, processor, baseline: str) -> to
     raise ValueError(f"baseline must be 'mean', 'blur' or 'zero', got {baseline!r}")
 
 
-def _pixel_patch_index(pixel_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+def patch_index_map(pixel_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
     """``[H, W]`` long: the row-major patch of every pixel (patch (i, j) covers rows [i·H/gh, (i+1)·H/gh))."""
     h, w = pixel_hw
     gh, gw = grid_hw
@@ -365,7 +365,7 @@ def _curves(model, processor, explanation, kinds: Sequence[str], steps: int, bas
     least_first = np.argsort(relevance, kind="stable")
     pv = explanation.pixel_values.double()
     base = _baseline_pixels(pv, processor, baseline)
-    index = _pixel_patch_index(tuple(pv.shape[-2:]), explanation.patch_grid)
+    index = patch_index_map(tuple(pv.shape[-2:]), explanation.patch_grid)
     variants, spans = [], {}
     for kind in kinds:
         keeps = []

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from deco_models.io import read_json_lines
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -60,14 +62,7 @@ def load_records(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[") and "\n{" in text.strip()):
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not a JSON record ({exc})") from None
+        records = read_json_lines(text, path)
     else:
         records = json.loads(text)
         if isinstance(records, dict):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from deco_models.io import atomic_write
+from deco_models.io import atomic_write, read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,7 @@ def load_questions(path: str | os.PathLike) -> list[dict]:
         if not isinstance(questions, list):
             raise ValueError(f"{path}: expected a JSON list of questions, got {type(questions).__name__}")
     else:
-        questions = []
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                questions.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: not a JSON object ({exc})") from None
+        questions = read_json_lines(text, path)
     seen = set()
     for index, question in enumerate(questions):
         if not isinstance(question, dict):

@@ -20,15 +20,7 @@ from tqdm.auto import tqdm
 
 from rgae.capture import explain_mode
 from rgae.methods.base import Explainer, PreparedInputs
-
-
-def patch_index_map(pixel_hw: tuple[int, int], patch_grid: tuple[int, int]) -> torch.Tensor:
-    """``[H, W]`` long: the row-major patch index of every pixel (pixels past the grid get the nearest patch)."""
-    h, w = pixel_hw
-    gh, gw = patch_grid
-    rows = torch.clamp(torch.arange(h) * gh // h, max=gh - 1)
-    cols = torch.clamp(torch.arange(w) * gw // w, max=gw - 1)
-    return rows[:, None] * gw + cols[None, :]
+from rgae.metrics import patch_index_map
 
 
 def occlude(pixel_values: torch.Tensor, index_map: torch.Tensor, keep: torch.Tensor, baseline: float) -> torch.Tensor:
