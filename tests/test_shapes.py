@@ -178,3 +178,69 @@ def test_tokenizer_covers_every_word_of_the_world_and_the_templates():
             ids = tok(text)["input_ids"]
             assert tok.unk_token_id not in ids, text
     assert tok.convert_ids_to_tokens(tok("<image>")["input_ids"]) == ["<s>", "<image>"]
+
+
+def test_multi_turn_datasets_keep_every_answer_true_and_the_image_once(tmp_path):
+    from deco_models.recipes.shapes_mini import finetune_file, make_datasets
+
+    data = make_datasets(tmp_path / "d", 40, seed=3, turns=3, caption_first=1.0)
+    make_datasets(data, 40, seed=3, turns=3, caption_first=0.5)
+    make_datasets(data, 40, seed=3)  # single-turn file beside them, from the same scenes
+    singles = json.loads((data / "conversations.json").read_text())
+    true_pairs = {(r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
+                  for r in singles}
+    captions = {r["image"]: r["conversations"][1]["value"] for r in singles if r["task"] == "caption"}
+    first = {}
+    for cf in (1.0, 0.5):
+        records = json.loads((data / finetune_file(3, cf)).read_text())
+        assert sorted(r["image"] for r in records) == sorted(captions)  # one conversation per scene
+        first[cf] = 0
+        for r in records:
+            turns = r["conversations"]
+            assert [t["from"] for t in turns] == ["human", "gpt"] * 3
+            assert turns[0]["value"].startswith("<image>\n")
+            assert sum("<image>" in t["value"] for t in turns) == 1
+            pairs = [(r["image"], turns[i]["value"].removeprefix("<image>\n"), turns[i + 1]["value"])
+                     for i in (0, 2, 4)]
+            # POPE's random and popular probes can coincide, so a question may come twice; every pair must be true.
+            assert set(pairs) <= true_pairs
+            assert captions[r["image"]] in [p[2] for p in pairs]
+            assert (r["tasks"][0] == "caption") == (turns[1]["value"] == captions[r["image"]])
+            first[cf] += turns[0]["value"] == "<image>\nDescribe the image."
+    assert first[1.0] == 40 and 10 < first[0.5] < 40  # 0.5 + 0.5 / 3 expected: ~27
+    single = json.loads((data / "finetune.json").read_text())
+    assert all(len(r["conversations"]) == 2 for r in single)
+    assert sum(r["task"] == "caption" for r in single) == 40  # every caption, at 75% of the records
+    with pytest.raises(ValueError, match="turns"):
+        make_datasets(tmp_path / "e", 4, turns=0)
+
+
+def test_multi_turn_training_sample_supervises_exactly_the_answers(tmp_path):
+    from deco_models.data.llava import LlavaConversationDataset
+    from deco_models.processing import DecoProcessor
+    from deco_models.recipes.shapes_mini import build_tokenizer, finetune_file, image_processor, make_datasets
+
+    data = make_datasets(tmp_path / "d", 6, seed=5, turns=3, caption_first=1.0)
+    tok = build_tokenizer()
+    processor = DecoProcessor(image_processor(), tok, num_image_tokens=144, image_aspect="pad",
+                              chat_template="vicuna_v1")
+    ds = LlavaConversationDataset(str(data / finetune_file(3, 1.0)), str(data), processor, template="vicuna_v1",
+                                  check_images="none")
+    record = json.loads((data / finetune_file(3, 1.0)).read_text())[0]
+    item = ds[0]
+    supervised = item["labels"][item["labels"] != -100]
+    answers = [t["value"] for t in record["conversations"][1::2]]
+    expected = tok(" </s> ".join(answers) + " </s>", add_special_tokens=False)["input_ids"]
+    assert supervised.tolist() == expected
+    assert int((item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 144
+
+
+def test_stage_two_reads_the_file_written_for_its_settings(tmp_path):
+    from deco_models.recipes.shapes_mini import finetune_file, stage_configs
+
+    _, finetune = stage_configs(tmp_path / "base", tmp_path / "data", "avgpool2_36", tmp_path / "run", 1, 1,
+                                turns=3, caption_first=0.5, device="cpu")
+    assert finetune["data"]["data_path"] == str(tmp_path / "data" / finetune_file(3, 0.5))
+    _, single = stage_configs(tmp_path / "base", tmp_path / "data", "avgpool2_36", tmp_path / "run", 1, 1)
+    assert single["data"]["data_path"].endswith("finetune.json")
+
