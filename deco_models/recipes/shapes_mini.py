@@ -340,8 +340,9 @@ BUILDER = "deco_models.recipes.shapes_mini:build_model"
 def make_datasets(data_dir: str | os.PathLike, n_scenes: int, seed: int = TRAIN_SEED,
                   caption_share: float = 0.75, turns: int = 1, caption_first: float = 0.0) -> Path:
     """Write the training scenes and the two stage files: ``align.json`` (one caption per scene, LLaVA's plain
-    pretraining data) and ``finetune.json`` (caption-centric instruction mix: every scene's caption plus, per scene,
-    other tasks drawn so captions are ``caption_share`` of the records).
+    pretraining data) and the stage-2 file named by :func:`finetune_file` (single-turn ``finetune.json``: a
+    caption-centric instruction mix, every scene's caption plus, per scene, other tasks drawn so captions are
+    ``caption_share`` of the records).
 
     With ``turns > 1`` each scene gives one multi-turn conversation instead (as in LLaVA's instruction data): its
     caption and ``turns - 1`` other tasks, the image in the first human turn only; the caption opens the conversation
