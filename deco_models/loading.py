@@ -708,9 +708,11 @@ def _load_mm_projector(
 
 
 def _load_llava_lora(path: Path, base, dtype, device, attn_implementation, image_aspect, chat_template, vision_tower):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
     from transformers import AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from deco_models.peft_compat import get_peft_model
 
     llava_config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
     projector_type = llava_config.get("mm_projector_type")

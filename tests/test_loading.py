@@ -324,7 +324,9 @@ def _peft_reference_logits(model, projector_donor, peft_llm, inputs):
 
 @pytest.mark.parametrize("adapter_format", ["safetensors", "bin"])
 def test_llava_lora_checkpoint(source, vision_dir, base_dir, tmp_path, adapter_format):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from deco_models.peft_compat import get_peft_model
 
     model, _, inputs = source
     trained = tiny_deco_model("avgpool2_4", seed=9)
@@ -362,7 +364,9 @@ def test_llava_lora_checkpoint(source, vision_dir, base_dir, tmp_path, adapter_f
 
 
 def test_export_llava_lora_roundtrip(source, tmp_path):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from deco_models.peft_compat import get_peft_model
 
     model, processor, inputs = source
     peft_model = get_peft_model(

@@ -50,7 +50,10 @@ def test_every_projector_runs_forward_and_generate_with_m_image_tokens(form):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == m
     out = model(**inputs)
     assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
-    assert out.image_hidden_states.shape == (m, model.config.text_config.hidden_size)
+    # transformers >= 5.24 deprecates `out.image_hidden_states` (a list from 5.30): ask the model itself.
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert len(feats) == 1 and feats[0].shape == (m, model.config.text_config.hidden_size)
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
 

@@ -281,6 +281,7 @@ def _align_config(data: Path, out: Path, **train) -> dict:
 def test_align_then_lora_finetune_loss_decreases_and_saves_the_projector(caption_data, tmp_path):
     from peft import PeftModel
 
+    from deco_models.peft_compat import peft_wrapping
     from deco_models.train import train
 
     # Stage 1: only the projector trains.
@@ -335,7 +336,8 @@ def test_align_then_lora_finetune_loss_decreases_and_saves_the_projector(caption
 
     # The saved adapter alone (on a fresh base model) reproduces the trained model: the projector is inside it.
     fresh, _ = tiny()
-    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ft")).eval()
+    with peft_wrapping():
+        reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ft")).eval()
     trained = ft.model.eval()
     batch = next(iter(ft.trainer.get_train_dataloader()))
     with torch.no_grad():

@@ -70,7 +70,9 @@ def prepare_model_for_stage(model: nn.Module, config: TrainConfig) -> nn.Module:
     model.requires_grad_(False)
     projector = get_projector(model)
     if config.use_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from deco_models.peft_compat import get_peft_model
 
         targets = config.lora.target_modules or language_linear_names(model)
         if not targets:
