@@ -504,3 +504,35 @@ def test_browser_sections_address_each_explorer(browser, tmp_path):
     browser.js("document.querySelectorAll('.rgae-explore')[0].querySelector('.rx-word[data-word=\"4\"]').click()")
     assert browser.js("location.hash") == "#word=1&1.word=3&0.word=4"
     assert browser.problems() == []
+
+
+# ---- command lines --------------------------------------------------------------------------------------------------
+def test_cli_explain_writes_the_page(tmp_path, capsys):
+    from deco_models.data.shapes import caption, generate_scene
+    from rgae.cli import main
+
+    scene = generate_scene(SCENE_SEED, n_objects=3)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    args = ["explain", "--model", "shapes-mini-mlp2x_gelu", "--image", str(tmp_path / "scene.png"), "--text",
+            caption(scene), "--out", str(tmp_path / "e"), "--device", "cpu"]
+    assert main([*args, "--html", str(tmp_path / "page.html")]) == 0
+    assert "interactive page written to" in capsys.readouterr().out
+    data = page_data((tmp_path / "page.html").read_text())
+    assert len(data) == 1 and len(data[0]["panels"][0]["t2i"]["png"]) == 1 + len(caption(scene).split())
+    (tmp_path / "folder").mkdir()
+    assert main([*args, "--html", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_demo_index_page_holds_every_model_and_method(tmp_path):
+    from rgae.commands import demo
+
+    scene = synthetic_explanation("a large yellow square")
+    explained = {name: {"shapes": {"rgae": scene, "gradcam": synthetic_explanation(scene.target_text, seed=1)},
+                        "photo": {"rgae": synthetic_explanation(answer), "rawattn": synthetic_explanation(answer)}}
+                 for name, answer in (("shapes-mini-mlp2x_gelu", "a red circle"), ("tiny-x", "a blue square"))}
+    demo._write_explorer(tmp_path, explained)
+    text = (tmp_path / "index.html").read_text()
+    data = page_data(text)
+    assert [len(d["panels"]) for d in data] == [4, 2, 2]  # one shared-selection scene section, a photo per model
+    assert ">mlp2x_gelu · gradcam</b>" in text and "tiny-x&#x27;s own answer" in text

@@ -87,7 +87,7 @@ def _png_uri(array: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=9)
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=6)  # 9: 6% smaller, 12x slower
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
