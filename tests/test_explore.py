@@ -172,20 +172,22 @@ def test_write_site_index_sorted_with_relative_links(tmp_path):
     records = [("scene/1", [e], {"pointing_game": 0.8, "split": "val"}),
                ("scene 2", {"rgae": e}, {"pointing_game": 0.1}),
                ("Scene-2", e, {}),  # slugs collide with "scene 2" on a case-insensitive file system
-               ("<b>4</b>", e, {"pointing_game": float("nan"), "nested": {"hits": 3}})]
+               ("<b>4</b>", e, {"pointing_game": float("nan"), "nested": {"hits": 3}}),
+               ("numpy", e, {"pointing_game": np.float32(0.3)})]
     index = write_site(iter(records), tmp_path / "site", sort_by="pointing_game")
     text = index.read_text()
     links = re.findall(r'<a href="([^"]+)">([^<]*)</a>', text)
-    assert [label for _, label in links] == ["scene 2", "scene/1", "Scene-2", "&lt;b&gt;4&lt;/b&gt;"]
+    assert [label for _, label in links] == ["scene 2", "numpy", "scene/1", "Scene-2", "&lt;b&gt;4&lt;/b&gt;"]
     hrefs = [h for h, _ in links]
-    assert len(set(h.lower() for h in hrefs)) == 4 and all(not h.startswith(("/", "http")) for h in hrefs)
+    assert len(set(h.lower() for h in hrefs)) == 5 and all(not h.startswith(("/", "http")) for h in hrefs)
     for href in hrefs:
         page = (index.parent / href).read_text()
         assert '<a href="../index.html">' in page and "rgae-explore" in page
     assert "nested.hits" in text and "sorted by pointing_game (ascending)" in text
     assert "<b>4</b>" not in text
     down = write_site(records, tmp_path / "site2", sort_by="pointing_game", descending=True).read_text()
-    assert [label for _, label in re.findall(r'<a href="([^"]+)">([^<]*)</a>', down)][:2] == ["scene/1", "scene 2"]
+    assert [label for _, label in re.findall(r'<a href="([^"]+)">([^<]*)</a>', down)][:3] == ["scene/1", "numpy",
+                                                                                            "scene 2"]
     with pytest.raises(ValueError, match="not a metric"):
         write_site(records, tmp_path / "s3", sort_by="accuracy")
     with pytest.raises(ValueError, match="twice"):

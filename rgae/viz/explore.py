@@ -26,7 +26,8 @@ Example:
     >>> page = explore([synthetic_explanation(), synthetic_explanation(method="rawattn", seed=1)])
     >>> "rgae-explore" in page._repr_html_() and page.html.startswith("<!DOCTYPE html>")
     True
-    >>> path = page.save("/tmp/rgae-explore-doctest.html")
+    >>> import os, tempfile
+    >>> path = page.save(os.path.join(tempfile.mkdtemp(), "page.html"))  # open it in any browser, offline
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import html
 import io
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -148,8 +150,8 @@ def _e(text: Any) -> str:
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return f"{float(value):.4g}"
     return str(value)
 
 
@@ -388,11 +390,11 @@ def explore_sections(sections: Mapping[str, Any], *, title: str = "rgae explorer
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
-    """Records without the metric (or with NaN) sort last; numbers before text."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """Records without the metric (or with NaN) sort last; numbers (numpy's too) before text."""
+    if value is None:
         return (2, 0)
-    if isinstance(value, bool | int | float):
-        return (0, float(value))
+    if isinstance(value, numbers.Real):
+        return (2, 0) if math.isnan(float(value)) else (0, float(value))
     return (1, str(value))
 
 
@@ -420,11 +422,12 @@ def write_site(
         kwargs: passed to :func:`explore` (``alpha``, ``cmap``, ``display_px``).
 
     Example:
+        >>> import tempfile
         >>> from rgae.viz import synthetic_explanation
         >>> records = [("a", synthetic_explanation(), {"pg": 0.5}), ("b", synthetic_explanation(seed=1), {"pg": 0.1})]
-        >>> index = write_site(records, "/tmp/rgae-site-doctest", sort_by="pg")
-        >>> index.name
-        'index.html'
+        >>> index = write_site(records, tempfile.mkdtemp(), sort_by="pg")
+        >>> [p.name for p in sorted(index.parent.rglob("*.html"))]
+        ['index.html', 'a.html', 'b.html']
     """
     from rgae.viz.naming import slugify
 
