@@ -248,6 +248,15 @@ class Explanation:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
 
+    def _repr_html_(self) -> str | None:
+        # The interactive explorer (rgae.viz.explore) inline in a notebook; the PNG repr stays for other front ends.
+        try:
+            from rgae.viz.explore import explore
+
+            return explore(self)._repr_html_()
+        except Exception:  # a repr must never raise in a notebook
+            return None
+
     def __repr__(self) -> str:
         q = "" if self.text_to_query is None else f", queries={tuple(self.text_to_query.shape[1:])}"
         return (

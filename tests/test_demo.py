@@ -63,6 +63,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
             assert any(p.name.startswith("decomposition-rgae-") for p in folder.iterdir())
             assert any(p.name.startswith("R_t_i-rgae-") for p in folder.iterdir())
     assert (out / "projectors-shapes.png").is_file() and (out / "projectors-photo.png").is_file()
+    assert (out / "index.html").read_text().count('class="rgae-explore"') == 3  # scene + a photo per model
     md = (out / "summary.md").read_text()
     assert "| tiny-avgpool2_36 | rgae |" in md and "random" in md
     assert summary["figures"] == len(list(out.rglob("*.png")))

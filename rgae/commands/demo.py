@@ -3,6 +3,7 @@ model and every method, writes figures and a summary, and prints where.
 
 Output (``--out``, default ``./rgae-demo``)::
 
+    index.html                        the whole comparison in one interactive page (rgae.viz.explore_sections)
     summary.md, summary.json          per model / image / method: target, top words, pointing game, timing,
                                       and the projector diagnostics of R-GAE's Query-to-Patch map
     comparison-<image>-<model>.png    methods × words grid, one per image and model
@@ -185,6 +186,7 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
     summary: dict = {"out": str(out.resolve()), "prompt": PROMPT, "scene_seed": SCENE_SEED,
                      "scene_caption": caption(scene), "methods": list(methods), "models": {}, "figures": 0}
     rgae_by_image: dict[str, dict[str, object]] = {name: {} for name in images}
+    explained: dict[str, dict] = {}  # model -> image -> method -> Explanation, for index.html
     n_figures = 0
     for model_name in tqdm(models, desc="models", disable=not progress):
         t0 = time.perf_counter()
@@ -248,6 +250,7 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
                 n_figures += 1
             if "rgae" in by_method:
                 rgae_by_image[image_name][model_name] = by_method["rgae"]
+        explained[model_name] = expls
         entry["total_s"] = round(time.perf_counter() - t0, 3)
         del model
 
@@ -263,10 +266,24 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
             for fmt in formats:
                 viz.save_figure(fig, out / f"projectors-{image_name}.{fmt}", fmt=fmt, dpi=dpi)
                 n_figures += 1
+    _write_explorer(out, explained)
     summary["figures"] = n_figures
     summary["total_s"] = round(time.perf_counter() - start, 2)
     _write_summary(out, summary)
     return summary
+
+
+def _write_explorer(out: Path, explained: dict) -> None:
+    """``index.html``: the shapes scene with every model and method side by side (one caption, so one shared word
+    selection), then the photo per model (each model explains its own answer)."""
+    from rgae import viz
+
+    sections = {"Shapes scene, teacher-forced caption: every model and method": {
+        f"{model.removeprefix('shapes-mini-')} · {method}": e
+        for model, by_image in explained.items() for method, e in by_image["shapes"].items()}}
+    for model, by_image in explained.items():
+        sections[f"Photo (skimage chelsea), {model}'s own answer"] = by_image["photo"]
+    viz.explore_sections(sections, title="rgae demo").save(out / "index.html")
 
 
 QUICK_FIGURES = (("R_t_i", ""), ("decomposition", ""))
@@ -372,5 +389,5 @@ def run(args: argparse.Namespace) -> int:
     out = Path(summary["out"])
     print(f"rgae demo: {len(summary['models'])} model(s) x {len(summary['methods'])} method(s), "
           f"{summary['figures']} figure files in {summary['total_s']:.1f} s")
-    print(f"Wrote {out}/summary.md, {out}/summary.json and the figures under {out}/")
+    print(f"Wrote {out}/index.html (interactive), {out}/summary.md, {out}/summary.json and the figures under {out}/")
     return 0

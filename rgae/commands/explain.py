@@ -2,7 +2,7 @@
 
 Example:
     rgae explain --model shapes-mini-avgpool2_36 --image cat.jpg --text "A pot of green plants" \\
-        --method rgae --out out/rgae --visualize --vis-save-path out/figs
+        --method rgae --out out/rgae --visualize --vis-save-path out/figs --html out/rgae.html
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def _place(model, dtype, device):
 def run(args: argparse.Namespace) -> int:
     import rgae.methods as methods
 
+    if args.html and Path(args.html).is_dir():  # before the model runs, not after
+        raise ValueError(f"--html {args.html} is a folder; give the path of the .html file to write")
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
     cls = getattr(methods, METHODS[args.method])
     options: dict = {"max_new_tokens": args.max_new_tokens}
@@ -85,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         vis_dir = Path(args.vis_save_path or Path(args.out) / "figures")
         written = save_figures(explanation, vis_dir)
         print(f"{len(written)} figures written to {vis_dir}")
+    if args.html:
+        from rgae.viz import explore
+
+        print(f"interactive page written to {explore(explanation).save(args.html)}")
     return 0
 
 
@@ -108,6 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--visualize", action="store_true", help="also write the figure set (rgae.viz.save_figures)")
     p.add_argument("--vis-save-path", default=None, help="figure folder (default: OUT/figures)")
+    p.add_argument("--html", default=None, metavar="PATH", help="also write the interactive explorer page (one file)")
     p.set_defaults(func=_main)
     return p
 
