@@ -153,25 +153,26 @@ def help_text(doc: str | None) -> str:
 # ---- cheap checks, run before any model is loaded ---------------------------------------------------------------
 
 
-def check_input_file(path: str | os.PathLike, option: str, what: str = "file") -> Path:
-    """``path`` is an existing, readable regular file; :class:`UsageError` naming ``option`` otherwise."""
+def check_input_file(path: str | os.PathLike, option: str, what: str = "a file") -> Path:
+    """``path`` is an existing, readable regular file (``what``, with its article, names it in the message);
+    :class:`UsageError` naming ``option`` otherwise."""
     file = Path(path).expanduser()
     if not file.exists():
-        raise UsageError(f"{option} {path}: no such {what}")
+        raise UsageError(f"{option} {path}: no such file (expected {what})")
     if file.is_dir():
-        raise UsageError(f"{option} {path} is a directory, not a {what}")
+        raise UsageError(f"{option} {path} is a directory, not {what}")
     if not os.access(file, os.R_OK):
-        raise UsageError(f"{option} {path}: permission denied (the {what} is not readable)")
+        raise UsageError(f"{option} {path}: permission denied (cannot read {what})")
     return file
 
 
-def check_input_folder(path: str | os.PathLike, option: str, what: str = "folder") -> Path:
+def check_input_folder(path: str | os.PathLike, option: str, what: str = "a folder") -> Path:
     """``path`` is an existing directory; :class:`UsageError` naming ``option`` otherwise."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise UsageError(f"{option} {path}: no such {what}")
+        raise UsageError(f"{option} {path}: no such folder (expected {what})")
     if not folder.is_dir():
-        raise UsageError(f"{option} {path} is a file, not a {what}")
+        raise UsageError(f"{option} {path} is a file, not {what}")
     return folder
 
 
@@ -180,7 +181,7 @@ def check_image(path: str | os.PathLike, option: str = "--image") -> Path:
     unreadable, directory or non-image path."""
     from PIL import Image, UnidentifiedImageError
 
-    file = check_input_file(path, option, what="image file")
+    file = check_input_file(path, option, what="an image file")
     try:
         with Image.open(file) as image:
             image.load()  # decode now: a truncated file fails here, not after the model has loaded

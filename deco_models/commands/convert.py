@@ -48,7 +48,7 @@ def _check_arguments(args) -> None:
     check_model(args.src, "src")
     for option, value in (("--base", args.base), ("--vision-tower", args.vision_tower)):
         if value is not None:
-            check_input_folder(value, option, what="model folder")
+            check_input_folder(value, option, what="a model folder")
     if args.detect_only:
         return
     if not args.dst:

@@ -108,16 +108,16 @@ def _print_table(result: dict) -> None:
 
 def _check_arguments(args) -> None:
     """The cheap checks, before questions are read or a model is loaded."""
-    check_input_file(args.data, "--data", what="questions file")
+    check_input_file(args.data, "--data", what="a questions file (JSONL)")
     check_output_file(args.out, "--out")
     if args.predictions:
-        check_input_file(args.predictions, "--predictions", what="answers file")
+        check_input_file(args.predictions, "--predictions", what="an answers file (JSONL)")
         return
     from deco_models.cli_base import check_model
 
     check_model(args.model)
     if args.image_folder is not None:
-        check_input_folder(args.image_folder, "--image-folder", what="image folder")
+        check_input_folder(args.image_folder, "--image-folder", what="an image folder")
     if args.answers_file is not None:
         check_output_file(args.answers_file, "--answers-file")
     for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):

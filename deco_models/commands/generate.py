@@ -56,7 +56,7 @@ def run(args) -> int:
     if args.image is not None:
         check_image(args.image)
     if args.base is not None:
-        check_input_folder(args.base, "--base", what="model folder")
+        check_input_folder(args.base, "--base", what="a model folder")
     device = check_device(args.device)
 
     import torch

@@ -142,9 +142,9 @@ def _check_config(config) -> None:
     check_output_folder(config.train.output_dir, "train.output_dir")
     if not config.data.data_path:
         raise UsageError("data.data_path is required (the LLaVA-format JSON/JSONL training data)")
-    check_input_file(config.data.data_path, "data.data_path", what="data file")
+    check_input_file(config.data.data_path, "data.data_path", what="a data file (LLaVA JSON or JSONL)")
     if config.data.image_folder:
-        check_input_folder(config.data.image_folder, "data.image_folder", what="image folder")
+        check_input_folder(config.data.image_folder, "data.image_folder", what="an image folder")
     model = config.model
     _check_model_source("model.name_or_path", model.name_or_path, hub_ok=False)
     _check_model_source("model.vision_name_or_path", model.vision_name_or_path, hub_ok=True)
@@ -152,7 +152,7 @@ def _check_config(config) -> None:
     if model.pretrained_projector and not Path(model.pretrained_projector).expanduser().exists():
         raise UsageError(f"model.pretrained_projector {model.pretrained_projector}: no such file or folder")
     if config.train.deepspeed:
-        check_input_file(config.train.deepspeed, "train.deepspeed", what="DeepSpeed config")
+        check_input_file(config.train.deepspeed, "train.deepspeed", what="a DeepSpeed JSON config")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UsageError("--config CONFIG.yaml (or --recipe NAME) is required")
-    check_input_file(args.config, "--config", what="config file")
+    check_input_file(args.config, "--config", what="a YAML config file")
     with user_errors(ValueError, FileNotFoundError):
         config = TrainConfig.from_yaml(args.config).with_overrides(overrides)
     if args.print_config:
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _check_config(config)
     if args.resume_from:
-        check_input_folder(args.resume_from, "--resume-from", what="checkpoint folder")
+        check_input_folder(args.resume_from, "--resume-from", what="a checkpoint folder")
     from deco_models.loading import CheckpointError
     from deco_models.train.trainer import build_model, summarize, train
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from deco_models.data import shapes
+from rgae.io import normal_file_modes
 
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>", "image": "<image>"}
 VISION_SIZES = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -178,7 +179,8 @@ def pretrain_vision(out_dir: str | os.PathLike, steps: int = 500, batch: int = 3
                                   "time": time.time()}) + "\n")
             log.flush()
     model.eval()
-    model.save_pretrained(out)
+    with normal_file_modes(out):  # safetensors writes owner-only files
+        model.save_pretrained(out)
     return out
 
 
@@ -239,8 +241,9 @@ def pretrain_llm(out_dir: str | os.PathLike, tokenizer, steps: int = 300, batch:
             log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time()}) + "\n")
             log.flush()
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with normal_file_modes(out):  # safetensors writes owner-only files
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
 
 

@@ -111,6 +111,9 @@ def parse_layer(text: str | None) -> int | str | None:
 
 def check_arguments(args: argparse.Namespace) -> dict:
     """Every cheap check, before the model is loaded; returns the method's options."""
+    model_source(args.model)
+    check_image(args.image)
+    check_output_folder(args.out, "--out")
     if args.text is not None and not args.text.strip():
         raise UsageError("--text is empty: give the text to explain, or leave --text out to explain the model's "
                          "own answer")
@@ -123,11 +126,8 @@ def check_arguments(args: argparse.Namespace) -> dict:
         raise UsageError(f"--layer is an option of --method rawattn, not of {args.method}")
     if args.through_vision and args.method != "rgae":
         raise UsageError(f"--through-vision is an option of --method rgae, not of {args.method}")
-    check_output_folder(args.out, "--out")
     if args.vis_save_path is not None:
         check_output_folder(args.vis_save_path, "--vis-save-path")
-    check_image(args.image)
-    model_source(args.model)
     args.device = check_device(args.device)
     options: dict = {"max_new_tokens": args.max_new_tokens}
     if args.method == "rgae":
