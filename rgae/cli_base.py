@@ -190,16 +190,21 @@ def check_image(path: str | os.PathLike, option: str = "--image") -> Path:
     return file
 
 
+def _check_creatable(path: Path, shown, option: str, what: str) -> None:
+    """The nearest existing ancestor of ``path`` is a directory (else nothing can be created below it)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option} {shown}: {parent} is a file, so the {what} cannot be created")
+            return
+
+
 def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     """``path`` can be used as an output folder: missing (it will be created) or an existing directory."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{option} {path} is an existing file; give a folder (it is created if missing)")
-    for parent in folder.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} {path}: {parent} is a file, so the folder cannot be created")
-            break
+    _check_creatable(folder, path, option, "folder")
     return folder
 
 
@@ -208,11 +213,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     file = Path(path).expanduser()
     if file.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file name")
-    for parent in file.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} {path}: {parent} is a file, so the file cannot be created")
-            break
+    _check_creatable(file, path, option, "file")
     return file
 
 

@@ -208,6 +208,8 @@ def rgae_cases(d):
                                ["--models: unknown model(s) unknown; known: shapes-mini-avgpool2_36",
                                 "tiny-<projector spec>"]),
         "demo out is a file": (["demo", "--out", file], [f"--out {file} is an existing file"]),
+        "demo out below a file": (["demo", "--out", f"{file}/demo"],
+                                  [f"--out {file}/demo: {file} is a file, so the folder cannot be created"]),
     }
 
 

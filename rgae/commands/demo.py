@@ -88,7 +88,7 @@ def tiny_random_model(projector: str = "mlp2x_gelu", seed: int = 0):
 
 
 def load_model(name: str):
-    """``(model, processor)`` of a zoo model (``deco_models.load``, or the zoo's own loader) or ``tiny-<projector>``."""
+    """``(model, processor)`` of a zoo model (``deco_models.load``) or of ``tiny-<projector>``."""
     if name.startswith("tiny-"):
         return tiny_random_model(name.removeprefix("tiny-"))
     import deco_models
@@ -383,7 +383,7 @@ def _write_summary(out: Path, summary: dict) -> None:
         "box, averaged). Top words: the words whose maps hold the most positive relevance.", "",
     ]
     if with_photo:
-        lines += [f"**Photo: {summary.get('photo_note', PHOTO_NOTE)}.** The shipped models were trained on "
+        lines += [f"**The photo is {summary.get('photo_note', PHOTO_NOTE)}.** The shipped models were trained on "
                   "scenes of colored shapes only; the photo shows what the tool does on a real image, not what the "
                   "models see in it.", ""]
     columns = ["model", "method", "shapes: pointing rate", "shapes: top words"]
