@@ -573,3 +573,11 @@ def test_words_colorbar_says_which_scale():
     assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e))] == ["relevance (min–max of each map)"]
     assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e, normalize="global"))] == [
         "relevance (one scale for all panels)"]
+
+
+def test_constant_text_to_query_frames_nothing():
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), q2p="identity", t2q=torch.zeros(2, 144),
+                  words=["a", "b"], text="a b", image_hw=(48, 48))
+    fig = viz.plot_decomposition(e)  # 144 queries, all equally (ir)relevant: the first 16 tiles, no frames
+    red = [p for ax in fig.axes for p in ax.patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert not red and [int(t.get_text()) for t in fig.axes[2].texts] == list(range(16))

@@ -213,8 +213,8 @@ def _text_color(rgb: np.ndarray) -> str:
 
 
 def _top_k(values: np.ndarray, k: int) -> list[int]:
-    if k <= 0:
-        return []
+    if k <= 0 or not values.max() > values.min():
+        return []  # a constant map has no top queries: framing the first k would mark arbitrary ones
     order = np.argsort(-values.ravel(), kind="stable")
     return [int(i) for i in order[: min(k, values.size)]]
 
@@ -380,7 +380,8 @@ TOP_QUERY_TILES = 16
 def top_queries(expl, k: int) -> list[int]:
     """The ``k`` queries with the highest sentence Text-to-Query relevance, most relevant first."""
     _require_queries(expl, "choosing the top queries")
-    return _top_k(to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)), k)
+    values = to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)).ravel()
+    return [int(i) for i in np.argsort(-values, kind="stable")[: max(0, k)]]
 
 
 def _frame(ax, xy, width, height, lw=2.0):
@@ -425,7 +426,7 @@ def _draw_query_to_image(ax, expl, top_k=5, alpha=0.65, cmap="jet", interpolatio
                       labels=[f"+{c}" for c in range(0, qw, step_c)])
         ax.tick_params(length=0, pad=1.5, labelsize=6.5 if max(qh, qw) > 8 else 7.5)
     if expl.text_to_query is not None:
-        for q in top_queries(expl, top_k):
+        for q in _top_k(to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)), top_k):
             if q not in shown:
                 continue
             r, c = divmod(shown.index(q), qw)
