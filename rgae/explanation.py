@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deco_models.io import atomic_write
+from rgae.io import atomic_write
 
 _TENSOR_FIELDS = (
     "text_to_query",

@@ -523,7 +523,7 @@ def test_cli_explain_writes_the_page(tmp_path, capsys):
     assert len(data) == 1 and len(data[0]["panels"][0]["t2i"]["png"]) == 1 + len(caption(scene).split())
     (tmp_path / "folder").mkdir()
     assert main([*args, "--html", str(tmp_path / "folder")]) == 2
-    assert "is a folder" in capsys.readouterr().err
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_demo_index_page_holds_every_model_and_method(tmp_path):

@@ -452,3 +452,132 @@ def test_synthetic_explanation_composes_like_rgae():
                                torch.eye(64))
     with pytest.raises(ValueError, match="query_grid"):
         viz.synthetic_explanation(projector="linear", query_grid=(4, 4))
+
+
+# ---- comparable figures: shared scales, notes, readable Query-to-Image, all-zero maps ------------------------------
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def _texts(fig) -> list[str]:
+    found = [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
+    return found + ([fig._suptitle.get_text()] if fig._suptitle is not None else [])
+
+
+def test_decomposition_global_puts_t2i_and_t2q_on_one_scale():
+    # T2Q in [0, 0.1] through Q2P = 10·I: the sentence T2I map reaches 10× the T2Q values.
+    t2q = torch.tensor([[0.0, 0.05, 0.1, 0.02]])
+    e = make_expl(patch_grid=(2, 2), query_grid=(2, 2), q2p=10 * torch.eye(4), t2q=t2q, words=["pot"], text="pot")
+    per_map = viz.plot_decomposition(e)
+    shared = viz.plot_decomposition(e, normalize="global")
+    assert [c.get_xlabel() for c in _colorbars(per_map)] == [
+        "relevance (min–max of each panel; $R_{q2i}$: of each query)"]
+    labels = [c.get_xlabel() for c in _colorbars(shared)]
+    assert labels == ["relevance (one scale for $R_{t2i}$ and $R_{t2q}$)",
+                      "Query-to-Patch weight (one scale for all queries)"]
+    np.testing.assert_allclose(_colorbars(shared)[0].get_xlim(), (0.0, 1.0), atol=1e-6)  # min T2Q .. max T2I
+    np.testing.assert_allclose(_colorbars(shared)[1].get_xlim(), (0.0, 10.0), atol=1e-6)
+    # The hottest query cell: jet's top color on its own scale, one tenth of the way up on the shared one.
+    hot = divmod(2, 2)  # query 2 on the 2×2 grid
+    cell = np.asarray(per_map.axes[1].images[0].get_array())[hot] * 255
+    np.testing.assert_allclose(cell, JET_HIGH, atol=1)
+    cell = np.asarray(shared.axes[1].images[0].get_array())[hot]
+    np.testing.assert_allclose(cell, viz.colorize(np.array(0.1), "jet"), atol=1e-6)
+
+
+def test_query_to_image_global_scale_and_labels():
+    q2p = torch.eye(4) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # query q has weight q + 1
+    e = make_expl(patch_grid=(2, 2), query_grid=(2, 2), q2p=q2p)
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_query_to_image(e))] == [
+        "Query-to-Patch weight (min–max per query)"]
+    fig = viz.plot_query_to_image(e, normalize="global")
+    (bar,) = _colorbars(fig)
+    assert bar.get_ylabel() == "Query-to-Patch weight (one scale for all queries)"
+    np.testing.assert_allclose(bar.get_ylim(), (0.0, 4.0))
+    # Each query's own patch (query 0: top-left of tile 0; query 3: bottom-right of tile 3) at full opacity and
+    # white (gray colormap) when each tile has its own scale; on the shared scale query 0 is a quarter of the way.
+    hot_pixels = {}
+    for normalize in ("per_map", "global"):
+        mosaic, *_ = viz.query_mosaic(e, alpha=1.0, cmap="gray", interpolation="nearest", tile_px=20, gap_px=0,
+                                      normalize=normalize)
+        hot_pixels[normalize] = (int(mosaic[0, 0, 0]), int(mosaic[20 + 10, 20 + 10, 0]))
+    assert hot_pixels["per_map"] == (255, 255)
+    assert hot_pixels["global"][1] == 255 and hot_pixels["global"][0] < 200
+
+
+def test_144_queries_decomposition_shows_the_top_queries_labelled_and_framed():
+    gen = torch.Generator().manual_seed(3)
+    t2q = torch.rand(2, 144, generator=gen)
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), q2p="identity", t2q=t2q, words=["a", "b"], text="a b",
+                  image_hw=(96, 96))
+    top16 = torch.argsort(t2q.mean(0), descending=True)[:16].tolist()
+    fig = viz.plot_decomposition(e, top_k=5)
+    q2i = fig.axes[2]
+    assert "top 16 of 144 queries" in q2i.get_title()
+    assert [int(t.get_text()) for t in q2i.texts] == top16  # each tile labelled with its query index
+    frames = [p for p in q2i.patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert len(frames) == 5
+    t2q_frames = [p for p in fig.axes[1].patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert len(t2q_frames) == 5  # the same queries framed in the R_t2q panel
+    assert "red frames: the top-5 queries by sentence $R_{t2q}$" in fig._suptitle.get_text()
+    assert len(viz.plot_decomposition(e, queries=None).axes[2].texts) == 0  # all 144, on the query grid
+    # The standalone figure grows with the grid: 12×12 tiles get about 0.6 inch each.
+    assert viz.plot_query_to_image(e).get_size_inches()[0] >= 7.0
+    assert viz.plot_query_to_image(e, queries=4).get_size_inches()[0] < 5.0
+
+
+def test_query_mosaic_of_chosen_queries_shows_their_patches():
+    e = make_expl(patch_grid=(4, 4), query_grid=(4, 4), image_hw=(40, 40), q2p="identity")
+    mosaic, (th, tw), grid = viz.query_mosaic(e, alpha=1.0, cmap="gray", interpolation="nearest", tile_px=40,
+                                              gap_px=0, queries=[5, 14, 0])
+    assert grid == (1, 3) or grid == (2, 2)
+    cols = grid[1]
+    for k, q in enumerate([5, 14, 0]):
+        r, c = divmod(k, cols)
+        tile = mosaic[r * 40: r * 40 + 40, c * 40: c * 40 + 40, 0]
+        (ys, xs) = np.nonzero(tile == 255)
+        assert (ys.min() // 10, xs.min() // 10) == divmod(q, 4) and len(ys) == 100
+    with pytest.raises(ValueError, match="queries"):
+        viz.query_mosaic(e, queries=[16])
+
+
+def test_all_zero_map_says_no_relevance():
+    e = make_expl(t2q=torch.zeros(5, 4))
+    for fig in (viz.plot_text_to_image(e), viz.plot_words(e), viz.plot_comparison([e], words=["pot"]),
+                viz.plot_decomposition(e)):
+        assert any("no relevance" in t for t in _texts(fig))
+    assert not any("no relevance" in t for t in _texts(viz.plot_text_to_image(make_expl())))
+    (bar,) = _colorbars(viz.plot_text_to_image(e))
+    assert bar.get_ylabel() == "relevance (constant map)" and [t.get_text() for t in bar.get_yticklabels()] == ["0"]
+    # On a shared scale a constant non-zero map is a real value: no note; an all-zero one still gets it.
+    half = make_expl(t2q=torch.cat([torch.zeros(1, 4), torch.rand(4, 4)]))
+    fig = viz.plot_words(half, words=["A"], include_sentence=False, normalize="global")
+    assert any("no relevance" in t for t in _texts(fig))
+
+
+def test_note_reaches_every_title(tmp_path):
+    e = make_expl()
+    note = "out of domain: the models know nothing about photos"
+    for fig in (viz.plot_comparison([e], words=["pot"], note=note), viz.plot_text_to_image(e, note=note),
+                viz.plot_words(e, note=note), viz.plot_decomposition(e, note=note),
+                viz.plot_query_to_image(e, note=note), viz.plot_text_to_query(e, note=note)):
+        assert any(f"[{note}]" in " ".join(t.split()) for t in _texts(fig))
+    specs = viz.figure_specs(e, words=True, note=note, normalize="global")
+    assert specs and all(any(note in " ".join(t.split()) for t in _texts(make())) for _, _, make in specs)
+    with pytest.raises(ValueError, match="unknown plot options"):
+        viz.save_figures(e, tmp_path, words=False, title="x")
+
+
+def test_words_colorbar_says_which_scale():
+    e = make_expl()
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e))] == ["relevance (min–max of each map)"]
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e, normalize="global"))] == [
+        "relevance (one scale for all panels)"]
+
+
+def test_constant_text_to_query_frames_nothing():
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), q2p="identity", t2q=torch.zeros(2, 144),
+                  words=["a", "b"], text="a b", image_hw=(48, 48))
+    fig = viz.plot_decomposition(e)  # 144 queries, all equally (ir)relevant: the first 16 tiles, no frames
+    red = [p for ax in fig.axes for p in ax.patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert not red and [int(t.get_text()) for t in fig.axes[2].texts] == list(range(16))

@@ -100,9 +100,11 @@ def load(name: str, attn_implementation: str | None = "eager"):
         36
     """
     from deco_models.recipes.shapes_mini import load_trained
+    from rgae.verbosity import quiet_loading
 
     entry = resolve(name)
-    return load_trained(entry.base, entry.path, attn_implementation=attn_implementation)
+    with quiet_loading():  # three from_pretrained calls: three "Loading weights" bars otherwise
+        return load_trained(entry.base, entry.path, attn_implementation=attn_implementation)
 
 
 __all__ = ["ZooEntry", "available", "is_zoo_name", "load", "resolve", "ZOO_DIR"]

@@ -9,6 +9,7 @@ step-by-step generation of the same target would give (tests/test_reference.py c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,11 @@ from rgae.adapters import ModelAdapter, get_adapter
 from rgae.explanation import Explanation
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."
+
+
+class InputError(ValueError):
+    """What was passed to ``attribute`` (image, prompt, target) cannot be explained: a ``ValueError`` that says
+    what was expected. Command lines print it as a one-line usage error; other ValueErrors are bugs."""
 
 
 def load_image(image) -> Any:
@@ -37,27 +43,47 @@ def load_image(image) -> Any:
     from deco_models.processing import load_image as load_rgb_array
 
     if isinstance(image, list | tuple):
-        raise ValueError("explain one image at a time (batch size 1); got a sequence of images")
+        raise InputError("explain one image at a time (batch size 1); got a sequence of images")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.ndim == 4:
             if image.shape[0] != 1:
-                raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {image.shape}")
+                raise InputError(f"explain one image at a time (batch size 1); got an array of shape {image.shape}")
             image = image[0]
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
             image = np.moveaxis(image, 0, -1)  # [C, H, W] -> [H, W, C]
         if image.size == 0:
-            raise ValueError(f"image array is empty (shape {image.shape})")
+            raise InputError(f"image array is empty (shape {image.shape})")
         if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise ValueError("image array contains NaN or inf")
+            raise InputError("image array contains NaN or inf")
     if isinstance(image, Image.Image) and image.mode == "RGB":
         return image
     try:
         rgb = load_rgb_array(image)
-    except FileNotFoundError as exc:
-        raise ValueError(str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(str(exc)) from None
     return Image.fromarray(rgb, mode="RGB")
+
+
+def unknown_words(tokenizer, text: str, ids=None) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` maps (in part) to its unknown token, in order, each once.
+
+    Example:
+        >>> from tests.tiny import tiny_tokenizer
+        >>> unknown_words(tiny_tokenizer(["a", "red", "circle"]), "a red kangaroo")
+        ['kangaroo']
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    if ids is not None and unk not in list(ids):
+        return []  # the common case: one look at the ids, no per-word tokenization
+    found: list[str] = []
+    for word in text.split():
+        if word not in found and unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            found.append(word)
+    return found
 
 
 def tokenizer_of(processor):
@@ -70,7 +96,7 @@ def build_prompt(processor, prompt: str | None) -> str:
     image_token = getattr(processor, "image_token", None) or "<image>"
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
+            raise InputError(f"prompt must be a non-empty string or None, got {prompt!r}")
         if image_token in prompt:
             return prompt
     instruction = prompt or DEFAULT_INSTRUCTION
@@ -97,6 +123,7 @@ class PreparedInputs:
     content_box: tuple[int, int, int, int] | None
     word_ids: list[int] | None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    unknown_words: list[str] = field(default_factory=list)  # target words the tokenizer maps to its unknown token
 
     @property
     def target_positions(self) -> torch.Tensor:
@@ -186,14 +213,14 @@ class Explainer:
 
     def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
         if not isinstance(target, str):
-            raise ValueError(f"target must be a string (or None to explain the model's own answer), got {target!r}")
+            raise InputError(f"target must be a string (or None to explain the model's own answer), got {target!r}")
         if not target.strip():
-            raise ValueError("target is empty: give the text to explain, or target=None to explain the model's answer")
+            raise InputError("target is empty: give the text to explain, or target=None to explain the model's answer")
         tok = tokenizer_of(self.processor)
         enc = tok(target, add_special_tokens=False)
         ids = list(enc["input_ids"])
         if not ids:
-            raise ValueError(f"target {target!r} tokenizes to no tokens")
+            raise InputError(f"target {target!r} tokenizes to no tokens")
         word_ids = None
         try:
             wids = enc.word_ids()
@@ -228,7 +255,7 @@ class Explainer:
                 break
             keep.append(t)
         if not keep:
-            raise ValueError("the model generated no tokens to explain (it ended at once); pass target= explicitly")
+            raise InputError("the model generated no tokens to explain (it ended at once); pass target= explicitly")
         return torch.tensor(keep, dtype=torch.long)
 
     def prepare(self, image, target: str | None, prompt: str | None, max_new_tokens: int = 32) -> PreparedInputs:
@@ -238,13 +265,23 @@ class Explainer:
             target_ids = self.generate_target(prompt_ids, pixel_values, extra, max_new_tokens)
             target_text = tok.decode(target_ids.tolist(), skip_special_tokens=True)
             word_ids = None
+            unknown = []
         else:
             target_ids, word_ids = self.tokenize_target(target)
             target_text = target
+            unknown = unknown_words(tok, target, target_ids.tolist())
+            if unknown:
+                warnings.warn(
+                    f"target word(s) {', '.join(repr(w) for w in unknown)} are not in the tokenizer's vocabulary: "
+                    f"they become the unknown token {getattr(tok, 'unk_token', None)!r}, so their maps explain that "
+                    "token, not the word (Explanation.options['unknown_words'] records them)",
+                    UserWarning,
+                    stacklevel=3,
+                )
         limit = self.adapter.max_positions
         total = prompt_ids.shape[1] + target_ids.numel()
         if limit is not None and total > limit:
-            raise ValueError(
+            raise InputError(
                 f"prompt ({prompt_ids.shape[1]} tokens) + target ({target_ids.numel()} tokens) = {total} tokens is "
                 f"longer than the model's context (max_position_embeddings = {limit})"
             )
@@ -262,6 +299,7 @@ class Explainer:
             content_box=content_box,
             word_ids=word_ids,
             extra=extra,
+            unknown_words=unknown,
         )
 
     # ---- outputs ---------------------------------------------------------------------------------------------
@@ -324,7 +362,7 @@ class Explainer:
             prompt=inputs.prompt,
             projector_type=self.adapter.projector_type,
             model_name=self.model_name,
-            options=dict(options or {}),
+            options={**(options or {}), **({"unknown_words": inputs.unknown_words} if inputs.unknown_words else {})},
         )
 
     # ---- API -------------------------------------------------------------------------------------------------

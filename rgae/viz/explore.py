@@ -280,18 +280,10 @@ def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
 
 # ---- pages ----------------------------------------------------------------------------------------------------------
 def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) atomically, with the permissions a plain ``open`` would give under the umask (a page is
-    meant to be shared; the temporary file atomic_write renames is private, 0600)."""
-    from deco_models.io import atomic_write
+    """Write ``text`` (UTF-8) atomically, with the umask's normal permissions (a page is meant to be shared)."""
+    from rgae.io import atomic_write
 
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o666 & ~umask)
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 class ExplorerPage:
