@@ -1,0 +1,386 @@
+"""Attention probabilities recomputed from queries and keys, in row chunks, and the R-GAE reductions streamed over
+them: pure tensor math, no model knowledge (the engine's second half, beside :mod:`rgae.rules`).
+
+An attention call with output ``O_h = A_h V_h`` (per head h) never has to store ``A_h``: it is recomputed as
+``A_h = softmax(softcap(Q_h K_hᵀ · scale) + mask)`` and, since the target y depends on ``A_h`` only through ``O_h``,
+its gradient is exactly ``G_h = ∂y/∂A_h = (∂y/∂O_h) V_hᵀ``. So one backward pass per target token gives ``∂y/∂O``
+at every layer (``n · H · d`` numbers each) and the per-layer map ``cam = mean_h (G_h ⊙ A_h)+`` (clamp per head,
+then the mean, as :func:`rgae.rules.gradient_weighted_attention`) is formed a few rows at a time:
+
+* :func:`row_trick_step` — ``v ← v + v · cam`` for the rows v needs (the row trick of
+  :func:`rgae.rules.propagate_rows`, one layer), skipping rows where v is zero (after the predicting position in a
+  causal model) and keys the mask forbids, so the extra memory is ``O(T · H · chunk · n)``, never ``O(H · n²)``;
+* :func:`layer_cam` — the full ``[n_q, n_k]`` cam (small layers: a Q-Former, a ViT propagated in full);
+* :func:`probability_rows`, :func:`layer_probabilities`, :func:`rollout_step` — the probabilities themselves, for
+  raw attention and attention rollout.
+
+One call is an :class:`AttentionBlock` (its heads, mask, scaling, softcap); a layer is a list of blocks on
+disjoint row/column ranges (``q_offset``/``k_offset``), which is how a module called once per packed sequence or per
+image makes one block-diagonal layer. Grouped-query attention keeps ``H_kv`` key/value heads and never materializes
+the repeat: query head h uses key/value head ``h // (H / H_kv)``, as transformers' ``repeat_kv`` does. Half-precision
+tensors are recomputed in float32; float32 and float64 stay as they are.
+
+Example (one head, two tokens, causal: token 1 attends to both with equal scores):
+    >>> import torch
+    >>> q = k = torch.zeros(1, 2, 4)
+    >>> block = AttentionBlock(q, k, torch.ones(1, 2, 4), scaling=0.5, causal=True)
+    >>> layer_probabilities([block], 2, 2)[0]
+    tensor([[1.0000, 0.0000],
+            [0.5000, 0.5000]])
+    >>> grad_out = torch.ones(1, 1, 2, 4)  # d y / d O for one target: G = 1 · Vᵀ = 4 everywhere
+    >>> layer_cam([block], [grad_out], 2, 2)[0]
+    tensor([[4., 0.],
+            [2., 2.]])
+    >>> row_trick_step(torch.tensor([[0.0, 1.0]]), [block], [grad_out])  # e_1ᵀ (I + cam)
+    tensor([[2., 3.]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "AttentionBlock",
+    "compute_dtype",
+    "layer_cam",
+    "layer_probabilities",
+    "probability_rows",
+    "rollout_step",
+    "row_trick_step",
+]
+
+#: Elements of one ``[T, H, rows, keys]`` temporary: 2**22 float32 numbers are 16 MiB, so a chunk holds a few of
+#: those however long the sequence (4,096 tokens × 8 heads: 128 rows per chunk).
+DEFAULT_CHUNK_ELEMENTS = 2**22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the recompute: float32 for half-precision inputs, else the input's (float32/float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _masked_value(mask: torch.Tensor) -> torch.Tensor:
+    """Where an additive mask forbids a key: -inf or the dtype's most negative value (transformers' eager masks)."""
+    return mask <= torch.finfo(mask.dtype).min
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """The inputs of one attention call, batch axis removed: ``A = softmax(softcap(q kᵀ · scaling) + mask)``.
+
+    Attributes:
+        query: ``[H, n_q, d]`` (post-RoPE) queries.
+        key: ``[H_kv, n_k, d]`` keys, ``H_kv`` dividing ``H``.
+        value: ``[H_kv, n_k, d_v]`` values.
+        scaling: the factor on ``q kᵀ``.
+        mask: None, or ``[1 or H, n_q, n_k]``: boolean (True = attend) or additive float (``-inf`` / the dtype's
+            minimum forbid a key).
+        causal: query i attends to keys ``j <= i`` only (needs ``n_q == n_k``).
+        window: with causal, keys ``i - window < j <= i``; without, ``|i - j| < window`` (flash attention's window).
+        softcap: ``softcap · tanh(logits / softcap)`` before the mask, as Gemma's eager attention does.
+        q_offset, k_offset: where the block's rows and columns sit in its layer (block-diagonal layers).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    mask: torch.Tensor | None = None
+    causal: bool = False
+    window: int | None = None
+    softcap: float | None = None
+    q_offset: int = 0
+    k_offset: int = 0
+
+    def __post_init__(self):
+        q, k, v = self.query, self.key, self.value
+        for name, x in (("query", q), ("key", k), ("value", v)):
+            if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point [heads, tokens, dim] tensor, got {_shape(x)}")
+        if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1] or q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} do not fit: expected "
+                "query [H, n_q, d], key [H_kv, n_k, d], value [H_kv, n_k, d_v]"
+            )
+        if q.shape[0] % k.shape[0]:
+            raise ValueError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} key/value heads")
+        if not isinstance(self.scaling, int | float) or isinstance(self.scaling, bool) or not math.isfinite(
+            self.scaling
+        ):
+            raise ValueError(f"scaling must be a finite number, got {self.scaling!r}")
+        if self.mask is not None:
+            m = self.mask
+            if not isinstance(m, torch.Tensor) or m.ndim != 3 or m.shape[0] not in (1, q.shape[0]):
+                raise ValueError(
+                    f"mask must be None or a [1 or {q.shape[0]}, {q.shape[1]}, {k.shape[1]}] tensor, got {_shape(m)}"
+                )
+            if tuple(m.shape[1:]) != (q.shape[1], k.shape[1]):
+                raise ValueError(f"mask {tuple(m.shape)} does not match {q.shape[1]} queries and {k.shape[1]} keys")
+            if m.dtype != torch.bool and not m.is_floating_point():
+                raise ValueError(f"mask must be boolean or additive float, got dtype {m.dtype}")
+        if self.causal and q.shape[1] != k.shape[1]:
+            raise ValueError(f"a causal block needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ValueError(f"window must be None or a positive int, got {self.window!r}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be None or positive, got {self.softcap!r}")
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def n_q(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def n_k(self) -> int:
+        return self.key.shape[1]
+
+    # ---- pieces of A ----------------------------------------------------------------------------------------------
+    def key_span(self, r0: int, r1: int) -> tuple[int, int]:
+        """``[c0, c1)``: every key that rows ``r0 .. r1-1`` may attend lies in it (the rest get probability 0).
+
+        Narrowed by causality, the window and, when every row keeps at least one key, the explicit mask; a row that
+        the mask forbids everything keeps the full range, so that its softmax is the kernel's (uniform for an
+        additive mask, zero for a boolean one).
+        """
+        c0, c1 = 0, self.n_k
+        if self.causal:
+            c1 = min(c1, r1)
+        if self.window is not None:
+            c0 = max(c0, r0 - self.window + 1)
+            if not self.causal:
+                c1 = min(c1, r1 - 1 + self.window)
+        if self.mask is not None and c1 > c0:
+            m = self.mask[:, r0:r1, c0:c1]
+            allowed = m if m.dtype == torch.bool else ~_masked_value(m)
+            allowed = allowed.any(0)
+            if bool(allowed.any(-1).all()):
+                cols = allowed.any(0).nonzero()
+                c0, c1 = c0 + int(cols[0]), c0 + int(cols[-1]) + 1
+        return c0, max(c0, c1)
+
+    def probabilities(self, rows: torch.Tensor, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[H_kv, groups, len(rows), c1 - c0]`` probabilities of the given query rows over keys ``c0 .. c1-1``.
+
+        ``c0, c1`` must contain every key those rows may attend (:meth:`key_span`).
+        """
+        h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, rows.numel()
+        q = self.query[:, rows].to(dtype).reshape(h_kv, groups * r, -1)
+        k = self.key[:, c0:c1].to(dtype)
+        logits = torch.matmul(q, k.transpose(-1, -2)).view(h_kv, groups, r, c1 - c0)
+        logits.mul_(self.scaling)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.mask is not None:
+            m = self.mask[:, rows, c0:c1]
+            m = m.view(1, 1, r, c1 - c0) if m.shape[0] == 1 else m.view(h_kv, groups, r, c1 - c0)
+            if m.dtype == torch.bool:
+                logits.masked_fill_(~m, -math.inf)
+            else:
+                logits.add_(m.to(dtype))
+        if self.causal or self.window is not None:
+            i = rows.view(-1, 1)
+            j = torch.arange(c0, c1, device=rows.device).view(1, -1)
+            forbidden = torch.zeros(r, c1 - c0, dtype=torch.bool, device=rows.device)
+            if self.causal:
+                forbidden |= j > i
+            if self.window is not None:
+                forbidden |= j <= i - self.window
+                if not self.causal:
+                    forbidden |= j >= i + self.window
+            logits.masked_fill_(forbidden, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if self.mask is not None and self.mask.dtype == torch.bool:
+            # A row a boolean mask forbids entirely is all -inf: the kernels give it zero output, softmax NaN.
+            # (Causal rows always keep their own key; additive masks stay finite.)
+            dead = logits.amax(-1, keepdim=True) == -math.inf
+            if bool(dead.any()):
+                probs.masked_fill_(dead, 0.0)
+        return probs
+
+    def cam(self, grad_output: torch.Tensor, rows: torch.Tensor, c0: int, c1: int, dtype: torch.dtype):
+        """``[T, len(rows), c1 - c0]``: ``mean_h (G_h ⊙ A_h)+`` on those rows/keys, ``G_h = (∂y/∂O_h) V_hᵀ``.
+
+        ``grad_output``: ``[T, H, n_q, d_v]`` gradients of T targets w.r.t. this block's per-head output.
+        """
+        probs = self.probabilities(rows, c0, c1, dtype)
+        h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, rows.numel()
+        t = grad_output.shape[0]
+        g = grad_output[:, :, rows].to(dtype).reshape(t, h_kv, groups * r, -1)
+        grad = torch.matmul(g, self.value[:, c0:c1].to(dtype).transpose(-1, -2))
+        grad = grad.view(t, h_kv, groups, r, c1 - c0).mul_(probs).clamp_(min=0)  # clamp per head ...
+        return grad.sum(dim=(1, 2)).div_(self.heads)  # ... then the head mean
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_layer(blocks: Sequence[AttentionBlock], grads=None) -> None:
+    if not blocks or not all(isinstance(b, AttentionBlock) for b in blocks):
+        raise ValueError("a layer is a non-empty sequence of AttentionBlock")
+    if grads is None:
+        return
+    if len(grads) != len(blocks):
+        raise ValueError(f"need one gradient per block ({len(blocks)}), got {len(grads)}")
+    t = None
+    for i, (b, g) in enumerate(zip(blocks, grads)):
+        expected = (b.heads, b.n_q, b.value.shape[-1])
+        if not isinstance(g, torch.Tensor) or g.ndim != 4 or tuple(g.shape[1:]) != expected:
+            raise ValueError(f"grads[{i}] must be [T, {expected[0]}, {expected[1]}, {expected[2]}], got {_shape(g)}")
+        if t is not None and g.shape[0] != t:
+            raise ValueError("every block's gradient must hold the same number of targets T")
+        t = g.shape[0]
+
+
+def _rows_per_chunk(block: AttentionBlock, targets: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, targets * block.heads * block.n_k))
+
+
+def _chunks(block: AttentionBlock, lo: int, hi: int, step: int, device):
+    """Row chunks ``rows`` of ``[lo, hi)`` with the key span each may attend (empty spans skipped)."""
+    for r0 in range(lo, hi, step):
+        r1 = min(hi, r0 + step)
+        c0, c1 = block.key_span(r0, r1)
+        if c1 > c0:
+            yield torch.arange(r0, r1, device=device), c0, c1
+
+
+def _support(v: torch.Tensor, offset: int, n: int) -> tuple[int, int] | None:
+    """``[lo, hi)`` of the block rows where any of the T rows of v is non-zero; None if none is."""
+    nz = (v[:, offset : offset + n] != 0).any(0).nonzero()
+    if nz.numel() == 0:
+        return None
+    return int(nz[0]), int(nz[-1]) + 1
+
+
+def row_trick_step(
+    v: torch.Tensor,
+    blocks: Sequence[AttentionBlock],
+    grads: Sequence[torch.Tensor],
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """One layer of the row trick, ``v + v · cam``, with cam streamed from the recomputed attention.
+
+    Equal to ``v + v @ gradient_weighted_attention(A, G)`` for the layer's full ``A`` and ``G``
+    (:func:`rgae.rules.propagate_rows` applies the same step from the last layer down). Rows where all of v is zero
+    and keys the mask forbids are never computed.
+
+    Args:
+        v: ``[T, n]`` one row per target (e.g. starting from ``e_r``), in the dtype of the result
+            (:func:`compute_dtype` of the model's).
+        blocks: the layer's attention blocks (self-attention: the layer maps n tokens to n tokens).
+        grads: per block ``[T, H, n_q, d_v]``, target t's gradient w.r.t. the block's per-head output.
+        chunk_elements: size of the largest ``[T, H, rows, keys]`` temporary.
+
+    Returns:
+        ``[T, n]``, a new tensor.
+    """
+    _check_layer(blocks, grads)
+    if v.ndim != 2 or v.shape[0] != grads[0].shape[0]:
+        raise ValueError(f"v must be [T={grads[0].shape[0]}, n], got {_shape(v)}")
+    out = v.clone()
+    for block, grad in zip(blocks, grads):
+        span = _support(v, block.q_offset, block.n_q)
+        if span is None:
+            continue
+        step = _rows_per_chunk(block, v.shape[0], chunk_elements)
+        for rows, c0, c1 in _chunks(block, *span, step, v.device):
+            cam = block.cam(grad, rows, c0, c1, v.dtype)
+            weights = v[:, block.q_offset + rows].unsqueeze(1)  # [T, 1, r]
+            out[:, block.k_offset + c0 : block.k_offset + c1] += torch.bmm(weights, cam).squeeze(1)
+    return out
+
+
+def layer_cam(
+    blocks: Sequence[AttentionBlock],
+    grads: Sequence[torch.Tensor],
+    n_q: int,
+    n_k: int,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """The full per-layer map ``[T, n_q, n_k]`` = ``mean_h (G ⊙ A)+`` of every target (zero between blocks)."""
+    _check_layer(blocks, grads)
+    ref = blocks[0].query
+    dtype = compute_dtype(ref.dtype)
+    out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
+    for block, grad in zip(blocks, grads):
+        step = _rows_per_chunk(block, grad.shape[0], chunk_elements)
+        for rows, c0, c1 in _chunks(block, 0, block.n_q, step, ref.device):
+            out[:, block.q_offset + rows, block.k_offset + c0 : block.k_offset + c1] = block.cam(
+                grad, rows, c0, c1, dtype
+            )
+    return out
+
+
+def probability_rows(blocks: Sequence[AttentionBlock], rows, n_k: int) -> torch.Tensor:
+    """``[H, len(rows), n_k]``: the probabilities of the given layer rows (ints into the layer's queries)."""
+    _check_layer(blocks)
+    ref = blocks[0].query
+    rows = torch.as_tensor(rows, dtype=torch.long, device=ref.device).view(-1)
+    heads = blocks[0].heads
+    if any(b.heads != heads for b in blocks):
+        raise ValueError("every block of a layer must have the same number of heads")
+    out = torch.zeros(heads, rows.numel(), n_k, dtype=compute_dtype(ref.dtype), device=ref.device)
+    for block in blocks:
+        inside = (rows >= block.q_offset) & (rows < block.q_offset + block.n_q)
+        if not bool(inside.any()):
+            continue
+        local = rows[inside] - block.q_offset
+        c0, c1 = block.key_span(int(local.min()), int(local.max()) + 1)
+        if c1 > c0:
+            probs = block.probabilities(local, c0, c1, out.dtype).reshape(heads, local.numel(), c1 - c0)
+            out[:, inside, block.k_offset + c0 : block.k_offset + c1] = probs
+    return out
+
+
+def layer_probabilities(blocks: Sequence[AttentionBlock], n_q: int, n_k: int) -> torch.Tensor:
+    """``[H, n_q, n_k]``: the layer's full probabilities (small layers; zero between blocks)."""
+    return probability_rows(blocks, range(n_q), n_k)
+
+
+def rollout_step(
+    v: torch.Tensor,
+    blocks: Sequence[AttentionBlock],
+    heads: Sequence[int] | None = None,
+    residual: float = 0.5,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """One layer of attention rollout by the row trick: ``v · Â`` with ``Â = (1 - r)·mean_h A + r·I``, rows
+    renormalized to 1 (``rgae.methods.rollout.rollout_layer``), streamed in row chunks.
+
+    Args:
+        v: ``[T, n]``; blocks: the (self-attention) layer; heads: head indices to average (None: all);
+        residual: r.
+    """
+    _check_layer(blocks)
+    if v.ndim != 2:
+        raise ValueError(f"v must be [T, n], got {_shape(v)}")
+    out = torch.zeros_like(v)
+    for block in blocks:
+        if block.q_offset != block.k_offset or block.n_q != block.n_k:
+            raise ValueError("rollout needs self-attention blocks (n_q == n_k on the diagonal)")
+        span = _support(v, block.q_offset, block.n_q)
+        if span is None:
+            continue
+        step = _rows_per_chunk(block, 1, chunk_elements)
+        for rows, c0, c1 in _chunks(block, *span, step, v.device):
+            probs = block.probabilities(rows, c0, c1, v.dtype).reshape(block.heads, rows.numel(), c1 - c0)
+            mean = (probs if heads is None else probs[list(heads)]).mean(0).mul_(1.0 - residual)
+            # Â's row i: (1 - r)·mean A[i] + r·e_i, divided by its sum (the identity column is always inside).
+            scale = v[:, block.q_offset + rows] / (mean.sum(-1) + residual)
+            out[:, block.k_offset + c0 : block.k_offset + c1] += scale @ mean
+            out[:, block.k_offset + rows] += residual * scale
+    return out
