@@ -46,6 +46,7 @@ import torch
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "AttentionBlock",
+    "Workspace",
     "compute_dtype",
     "layer_cam",
     "layer_probabilities",
@@ -171,57 +172,107 @@ class AttentionBlock:
                 c0, c1 = c0 + int(cols[0]), c0 + int(cols[-1]) + 1
         return c0, max(c0, c1)
 
-    def probabilities(self, rows: torch.Tensor, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[H_kv, groups, len(rows), c1 - c0]`` probabilities of the given query rows over keys ``c0 .. c1-1``.
-
-        ``c0, c1`` must contain every key those rows may attend (:meth:`key_span`).
-        """
-        h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, rows.numel()
-        q = self.query[:, rows].to(dtype).reshape(h_kv, groups * r, -1)
-        k = self.key[:, c0:c1].to(dtype)
-        logits = torch.matmul(q, k.transpose(-1, -2)).view(h_kv, groups, r, c1 - c0)
-        logits.mul_(self.scaling)
+    def probabilities(self, rows: slice | torch.Tensor, c0: int, c1: int, dtype: torch.dtype,
+                      workspace: Workspace | None = None) -> torch.Tensor:
+        """``[H_kv, groups, r, c1 - c0]`` probabilities of query rows ``rows`` (a slice, or an index tensor) over
+        keys ``c0 .. c1-1``, which must contain every key those rows may attend (:meth:`key_span`). With a
+        ``workspace`` the result lives in its buffer ``"probs"`` (valid until the next call)."""
+        ws = workspace or Workspace()
+        h_kv, groups = self.kv_heads, self.heads // self.kv_heads
+        index = _row_index(rows, self.query.device)
+        r, c = index.numel(), c1 - c0
+        device = self.query.device
+        # The scaling goes on the [H, r, d] queries rather than on the [H, r, c] logits: one pass less per chunk.
+        q = (self.query[:, rows].to(dtype) * self.scaling).reshape(h_kv, groups * r, -1)
+        logits = ws.take("logits", (h_kv, groups * r, c), dtype, device)
+        torch.bmm(q, self.key[:, c0:c1].to(dtype).transpose(-1, -2), out=logits)
+        logits = logits.view(h_kv, groups, r, c)
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.mask is not None:
             m = self.mask[:, rows, c0:c1]
-            m = m.view(1, 1, r, c1 - c0) if m.shape[0] == 1 else m.view(h_kv, groups, r, c1 - c0)
+            m = m.unsqueeze(0) if m.shape[0] == 1 else m.unflatten(0, (h_kv, groups))  # views, no copy
             if m.dtype == torch.bool:
                 logits.masked_fill_(~m, -math.inf)
             else:
                 logits.add_(m.to(dtype))
-        if self.causal or self.window is not None:
-            i = rows.view(-1, 1)
-            j = torch.arange(c0, c1, device=rows.device).view(1, -1)
-            forbidden = torch.zeros(r, c1 - c0, dtype=torch.bool, device=rows.device)
-            if self.causal:
-                forbidden |= j > i
-            if self.window is not None:
-                forbidden |= j <= i - self.window
-                if not self.causal:
-                    forbidden |= j >= i + self.window
-            logits.masked_fill_(forbidden, -math.inf)
-        probs = torch.softmax(logits, dim=-1)
+        for a, b, forbidden in self._position_masks(index, c0, c1):
+            logits[..., a - c0 : b - c0].masked_fill_(forbidden, -math.inf)
+        probs = ws.take("probs", (h_kv, groups, r, c), dtype, device)
+        torch.softmax(logits, dim=-1, out=probs)
         if self.mask is not None and self.mask.dtype == torch.bool:
             # A row a boolean mask forbids entirely is all -inf: the kernels give it zero output, softmax NaN.
             # (Causal rows always keep their own key; additive masks stay finite.)
             dead = logits.amax(-1, keepdim=True) == -math.inf
             if bool(dead.any()):
                 probs.masked_fill_(dead, 0.0)
-        return probs
+        return probs if workspace is not None else probs.clone()
 
-    def cam(self, grad_output: torch.Tensor, rows: torch.Tensor, c0: int, c1: int, dtype: torch.dtype):
-        """``[T, len(rows), c1 - c0]``: ``mean_h (G_h ⊙ A_h)+`` on those rows/keys, ``G_h = (∂y/∂O_h) V_hᵀ``.
+    def _position_masks(self, index: torch.Tensor, c0: int, c1: int):
+        """``(a, b, forbidden [r, b - a])``: the causal / window rules on the only key slabs they can forbid (a
+        causal row chunk ``[r0, r1)`` can only forbid keys in ``(r0, r1)``), so a chunk never pays a full pass."""
+        if not (self.causal or self.window is not None):
+            return
+        i = index.view(-1, 1)
+        r0, r1 = int(index.min()), int(index.max()) + 1
+        slabs = []
+        if self.causal:
+            slabs.append((max(c0, r0 + 1), c1, lambda j: j > i))
+        if self.window is not None:
+            w = self.window
+            slabs.append((c0, min(c1, r1 - w), lambda j: j <= i - w))
+            if not self.causal:
+                slabs.append((max(c0, r0 + w), c1, lambda j: j >= i + w))
+        for a, b, rule in slabs:
+            if b > a:
+                yield a, b, rule(torch.arange(a, b, device=index.device).view(1, -1))
+
+    def cam(self, grad_output: torch.Tensor, rows: slice | torch.Tensor, c0: int, c1: int, dtype: torch.dtype,
+            scale: float | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+        """``[T, r, c1 - c0]``: ``mean_h (G_h ⊙ A_h)+`` on those rows/keys, ``G_h = (∂y/∂O_h) V_hᵀ``; times
+        ``scale`` instead of the head mean's ``1 / H`` when given (callers fold the mean into a later product).
+        The probabilities are computed once for all T targets.
 
         ``grad_output``: ``[T, H, n_q, d_v]`` gradients of T targets w.r.t. this block's per-head output.
         """
-        probs = self.probabilities(rows, c0, c1, dtype)
-        h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, rows.numel()
-        t = grad_output.shape[0]
-        g = grad_output[:, :, rows].to(dtype).reshape(t, h_kv, groups * r, -1)
-        grad = torch.matmul(g, self.value[:, c0:c1].to(dtype).transpose(-1, -2))
-        grad = grad.view(t, h_kv, groups, r, c1 - c0).mul_(probs).clamp_(min=0)  # clamp per head ...
-        return grad.sum(dim=(1, 2)).div_(self.heads)  # ... then the head mean
+        ws = workspace or Workspace()
+        probs = self.probabilities(rows, c0, c1, dtype, ws)
+        h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, probs.shape[2]
+        t, c = grad_output.shape[0], c1 - c0
+        # Targets share the values: fold T into the rows, [H_kv, T·groups·r, d_v] @ [H_kv, d_v, c].
+        g = grad_output[:, :, rows].to(dtype).reshape(t, h_kv, groups * r, -1).transpose(0, 1)
+        grad = ws.take("grad", (h_kv, t * groups * r, c), dtype, probs.device)
+        torch.bmm(g.reshape(h_kv, t * groups * r, -1), self.value[:, c0:c1].to(dtype).transpose(-1, -2), out=grad)
+        # (G ⊙ A)+ = G+ ⊙ A since A >= 0: the clamp is per head, before the head sum.
+        grad = grad.view(h_kv, t, groups, r, c).clamp_(min=0).mul_(probs.unsqueeze(1))
+        total = grad.sum(dim=(0, 2))
+        return total.div_(self.heads) if scale is None else (total.mul_(scale) if scale != 1 else total)
+
+
+class Workspace:
+    """Scratch buffers reused across the chunks of a loop: fresh memory costs a page fault per page, on every chunk
+    (a large share of the recompute's time on the CPU); a buffer is allocated once, at its largest size so far.
+
+    ``capacity``: the smallest size (elements) a new buffer gets, e.g. a chunk's largest ``[T, H, rows, keys]``.
+    """
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(max(numel, self.capacity), dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _row_index(rows: slice | torch.Tensor, device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
 
 
 def _shape(x) -> str:
@@ -249,13 +300,13 @@ def _rows_per_chunk(block: AttentionBlock, targets: int, chunk_elements: int) ->
     return max(1, chunk_elements // max(1, targets * block.heads * block.n_k))
 
 
-def _chunks(block: AttentionBlock, lo: int, hi: int, step: int, device):
-    """Row chunks ``rows`` of ``[lo, hi)`` with the key span each may attend (empty spans skipped)."""
+def _chunks(block: AttentionBlock, lo: int, hi: int, step: int):
+    """Row chunks ``slice(r0, r1)`` of ``[lo, hi)`` with the key span each may attend (empty spans skipped)."""
     for r0 in range(lo, hi, step):
         r1 = min(hi, r0 + step)
         c0, c1 = block.key_span(r0, r1)
         if c1 > c0:
-            yield torch.arange(r0, r1, device=device), c0, c1
+            yield slice(r0, r1), c0, c1
 
 
 def _support(v: torch.Tensor, offset: int, n: int) -> tuple[int, int] | None:
@@ -297,9 +348,10 @@ def row_trick_step(
         if span is None:
             continue
         step = _rows_per_chunk(block, v.shape[0], chunk_elements)
-        for rows, c0, c1 in _chunks(block, *span, step, v.device):
-            cam = block.cam(grad, rows, c0, c1, v.dtype)
-            weights = v[:, block.q_offset + rows].unsqueeze(1)  # [T, 1, r]
+        ws = Workspace(v.shape[0] * block.heads * min(step, span[1] - span[0]) * block.n_k)
+        for rows, c0, c1 in _chunks(block, *span, step):
+            cam = block.cam(grad, rows, c0, c1, v.dtype, scale=1.0, workspace=ws)  # 1/H goes on the weights
+            weights = v[:, block.q_offset + rows.start : block.q_offset + rows.stop].unsqueeze(1) / block.heads
             out[:, block.k_offset + c0 : block.k_offset + c1] += torch.bmm(weights, cam).squeeze(1)
     return out
 
@@ -318,10 +370,10 @@ def layer_cam(
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
         step = _rows_per_chunk(block, grad.shape[0], chunk_elements)
-        for rows, c0, c1 in _chunks(block, 0, block.n_q, step, ref.device):
-            out[:, block.q_offset + rows, block.k_offset + c0 : block.k_offset + c1] = block.cam(
-                grad, rows, c0, c1, dtype
-            )
+        ws = Workspace(grad.shape[0] * block.heads * min(step, block.n_q) * block.n_k)
+        for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
+            out[:, block.q_offset + rows.start : block.q_offset + rows.stop,
+                block.k_offset + c0 : block.k_offset + c1] = block.cam(grad, rows, c0, c1, dtype, workspace=ws)
     return out
 
 
@@ -376,11 +428,13 @@ def rollout_step(
         if span is None:
             continue
         step = _rows_per_chunk(block, 1, chunk_elements)
-        for rows, c0, c1 in _chunks(block, *span, step, v.device):
-            probs = block.probabilities(rows, c0, c1, v.dtype).reshape(block.heads, rows.numel(), c1 - c0)
+        ws = Workspace(block.heads * min(step, span[1] - span[0]) * block.n_k)
+        for rows, c0, c1 in _chunks(block, *span, step):
+            r = rows.stop - rows.start
+            probs = block.probabilities(rows, c0, c1, v.dtype, ws).reshape(block.heads, r, c1 - c0)
             mean = (probs if heads is None else probs[list(heads)]).mean(0).mul_(1.0 - residual)
-            # Â's row i: (1 - r)·mean A[i] + r·e_i, divided by its sum (the identity column is always inside).
-            scale = v[:, block.q_offset + rows] / (mean.sum(-1) + residual)
+            # Â's row i: (1 - r)·mean A[i] + r·e_i, divided by its sum.
+            scale = v[:, block.q_offset + rows.start : block.q_offset + rows.stop] / (mean.sum(-1) + residual)
             out[:, block.k_offset + c0 : block.k_offset + c1] += scale @ mean
-            out[:, block.k_offset + rows] += residual * scale
+            out[:, block.k_offset + rows.start : block.k_offset + rows.stop] += residual * scale
     return out

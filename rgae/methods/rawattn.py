@@ -5,6 +5,10 @@ For projectors without attention, Query-to-Patch is geometric: the identity (lin
 operator of the query grid over the patch grid (avgpool; also maxpool and the abstractors, whose queries pool the
 same windows; their attention-free mixing has no raw-attention reading).
 
+With ``capture="interface"`` (default) the model runs its own attention kernel and only the probabilities read here
+are recomputed from the recorded q and k (the predicting rows of the chosen LLM layers, the last cross-attention);
+``capture="eager"`` records every probability tensor of eager attention. Same maps.
+
 Example:
     >>> from rgae.methods import RawAttention
     >>> RawAttention(model, processor).attribute(image, target="a cat", layer="mean")  # doctest: +SKIP

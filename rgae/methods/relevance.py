@@ -35,6 +35,10 @@ from rgae.rules import propagate, propagate_rows
 
 CAPTURES = ("interface", "eager")
 
+#: Gradients (w.r.t. the recorded attention outputs) the interface capture gathers before recomputing the
+#: probabilities once for all of their targets: more targets per group means less recompute time, more memory.
+GROUP_BYTES = 128 * 2**20
+
 
 def check_capture(capture) -> str:
     """``capture`` if it is one of :data:`CAPTURES`, else a ValueError."""
@@ -117,6 +121,10 @@ class EagerRelevance:
         for rec in self.recorders.values():
             stack.enter_context(rec)
 
+    def group_size(self, recorded: Sequence[torch.Tensor], n_targets: int) -> int:
+        """Targets per :meth:`maps` call: 1 (each target's cams come from its own probability gradients)."""
+        return 1
+
     def after_forward(self) -> list[torch.Tensor]:
         """Checks the recording; returns the tensors whose gradients :meth:`maps` needs."""
         for rec in self.recorders.values():
@@ -166,6 +174,13 @@ class InterfaceRelevance:
     def enter(self, stack: contextlib.ExitStack) -> None:
         stack.enter_context(explain_mode(self.model, require_grad=False))
         stack.enter_context(self.capture_)
+
+    def group_size(self, recorded: Sequence[torch.Tensor], n_targets: int) -> int:
+        """Targets per :meth:`maps` call: as many as fit :data:`GROUP_BYTES` of gradients w.r.t. the recorded
+        outputs (each target's is the size of all of them), so each chunk of probabilities is recomputed once for
+        the group instead of once per target."""
+        per_target = sum(t.numel() * t.element_size() for t in recorded)
+        return int(max(1, min(n_targets, GROUP_BYTES // max(per_target, 1))))
 
     def after_forward(self) -> list[torch.Tensor]:
         self.capture_.check_complete()

@@ -150,6 +150,43 @@ def gradient_batches(target_logits: torch.Tensor, tensors: list[torch.Tensor], g
         yield idx.tolist(), list(grads)
 
 
+def gradient_groups(batches, group: int):
+    """Gather consecutive ``(targets, grads)`` of :func:`gradient_batches` into groups of at least ``group`` targets
+    (the last may be smaller), each tensor's gradients in one ``[k, ...]`` tensor; ``group <= 1`` passes the
+    batches through."""
+    if group <= 1:
+        yield from batches
+        return
+    pending, count = [], 0
+    for targets, grads in batches:
+        pending.append((targets, grads))
+        count += len(targets)
+        if count >= group:
+            yield _merge(pending)
+            pending, count = [], 0
+    if pending:
+        yield _merge(pending)
+
+
+def _merge(pending: list) -> tuple[list[int], list[torch.Tensor | None]]:
+    targets = [t for ts, _ in pending for t in ts]
+    merged = []
+    for i in range(len(pending[0][1])):
+        ref = next((grads[i] for _, grads in pending if grads[i] is not None), None)
+        if ref is None:  # the targets do not depend on this tensor
+            merged.append(None)
+            continue
+        buf = ref.new_empty((len(targets), *ref.shape[1:]))
+        start = 0
+        for ts, grads in pending:
+            part = buf[start : start + len(ts)]
+            part.zero_() if grads[i] is None else part.copy_(grads[i])
+            grads[i] = None  # each batch's copy goes as soon as it is in the group's tensor
+            start += len(ts)
+        merged.append(buf)
+    return targets, merged
+
+
 def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor], grad_batch: int | None = None):
     """Yield ``(t, [d target_logits[t] / d tensor for tensor in tensors])`` (None where unused); see
     :func:`gradient_batches`."""
@@ -239,8 +276,10 @@ class RGAE(Explainer):
             t2q_rows, q2p_maps = [], []
             rows = inputs.predicting_positions.tolist()
             bar = tqdm(total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False)
-            for targets, batch in gradient_batches(target_logits, [*recorded, *extra], grad_batch):
-                # One backward pass per batch; its targets' Text-to-Query rows (and Q-Former / ViT maps) at once.
+            batches = gradient_batches(target_logits, [*recorded, *extra], grad_batch)
+            for targets, batch in gradient_groups(batches, source.group_size(recorded, target_logits.numel())):
+                # The Text-to-Query rows (and Q-Former / ViT maps) of a group of targets at once: the interface
+                # capture recomputes each chunk of probabilities once for the whole group.
                 maps = source.maps([rows[t] for t in targets], batch[: len(recorded)])
                 for k, (llm_row, proj_cams, r_vit) in enumerate(maps):
                     bar.update(1)
