@@ -28,13 +28,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import round_robin, sync_device  # noqa: E402
+
 PARTS = ("fast", "fast_eager", "fast_b16", "reference", "floor", "floor_eager")
 
 
@@ -102,7 +103,6 @@ def part_functions(model, explainer, inputs, device: str) -> dict:
             for t in range(target.numel()):
                 torch.autograd.grad(target[t], rec.attentions, retain_graph=True, allow_unused=True)
 
-    sys.path.insert(0, str(ROOT / "bench"))
     from bench_memory import part_functions as memory_parts
 
     def floor():
@@ -119,13 +119,6 @@ def part_functions(model, explainer, inputs, device: str) -> dict:
     }
 
 
-def _sync(device):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_memory(part: str, device: str) -> dict:
     """Peak memory of one run of ``part`` (own process; CPU: peak RSS growth over the loaded model)."""
     import torch
@@ -138,7 +131,7 @@ def run_memory(part: str, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     fn()
-    _sync(device)
+    sync_device(device)
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -150,19 +143,7 @@ def run_memory(part: str, device: str) -> dict:
 def run_times(parts: list[str], device: str, warmup: int, repeat: int) -> dict:
     """Interleaved timing in one process (round-robin over the parts, so load changes hit all parts alike)."""
     model, explainer, inputs = build(device)
-    fns = part_functions(model, explainer, inputs, device)
-    for _ in range(warmup):
-        for part in parts:
-            fns[part]()
-    _sync(device)
-    times: dict[str, list[float]] = {part: [] for part in parts}
-    for _ in range(repeat):
-        for part in parts:
-            start = time.perf_counter()
-            fns[part]()
-            _sync(device)
-            times[part].append(time.perf_counter() - start)
-    return {part: {"median_s": statistics.median(ts), "times_s": ts} for part, ts in times.items()}
+    return round_robin(part_functions(model, explainer, inputs, device), parts, device, warmup, repeat)
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,7 @@ def part_functions(explainer, inputs, grad_batch) -> dict:
     }
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
@@ -176,13 +176,13 @@ def run_memory(preset, part, length, device, dtype, grad_batch) -> dict:
     fn = part_functions(explainer, inputs, grad_batch)[part]
     fn()  # warm-up: one-time allocations (thread pools, kernels, CUDA context) are not the part's memory
     gc.collect()
-    _sync(device)
+    sync_device(device)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
-        _sync(device)
+        sync_device(device)
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
         how = "max_memory_allocated"
     else:
@@ -203,21 +203,26 @@ def run_memory(preset, part, length, device, dtype, grad_batch) -> dict:
     return {"part": part, "length": length, "peak_mib": peak_mib, "memory": how}
 
 
-def run_times(preset, parts, length, device, dtype, grad_batch, warmup, repeat) -> dict:
-    explainer, inputs = build(preset, length, device, dtype)
-    fns = part_functions(explainer, inputs, grad_batch)
+def round_robin(fns: dict, parts: list[str], device: str, warmup: int, repeat: int) -> dict:
+    """Interleaved timing in one process: warm-up rounds, then timed rounds over the parts (so load changes hit
+    every part alike); ``{part: {"median_s", "times_s"}}``."""
     for _ in range(warmup):
         for part in parts:
             fns[part]()
-    _sync(device)
+    sync_device(device)
     times: dict[str, list[float]] = {part: [] for part in parts}
     for _ in range(repeat):
         for part in parts:
             start = time.perf_counter()
             fns[part]()
-            _sync(device)
+            sync_device(device)
             times[part].append(time.perf_counter() - start)
     return {part: {"median_s": statistics.median(ts), "times_s": ts} for part, ts in times.items()}
+
+
+def run_times(preset, parts, length, device, dtype, grad_batch, warmup, repeat) -> dict:
+    explainer, inputs = build(preset, length, device, dtype)
+    return round_robin(part_functions(explainer, inputs, grad_batch), parts, device, warmup, repeat)
 
 
 def _child(args, extra: list[str], env: dict) -> tuple[dict | None, str]:

@@ -55,9 +55,9 @@ __all__ = [
     "row_trick_step",
 ]
 
-#: Elements of one ``[T, H, rows, keys]`` temporary: 2**22 float32 numbers are 16 MiB, so a chunk holds a few of
-#: those however long the sequence (4,096 tokens × 8 heads: 128 rows per chunk).
-DEFAULT_CHUNK_ELEMENTS = 2**22
+#: Elements of the largest ``[T, H, rows, keys]`` temporary: 2**21 float32 numbers are 8 MiB, and a chunk holds
+#: about twice that however long the sequence (4,096 tokens × 8 heads, one target: 64 rows per chunk).
+DEFAULT_CHUNK_ELEMENTS = 2**21
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

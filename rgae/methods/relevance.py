@@ -35,9 +35,10 @@ from rgae.rules import propagate, propagate_rows
 
 CAPTURES = ("interface", "eager")
 
-#: Gradients (w.r.t. the recorded attention outputs) the interface capture gathers before recomputing the
-#: probabilities once for all of their targets: more targets per group means less recompute time, more memory.
-GROUP_BYTES = 128 * 2**20
+#: Targets whose gradients (w.r.t. the recorded attention outputs: one set is the size of those outputs, about a
+#: tenth of a forward's saved activations) the interface capture gathers before recomputing the probabilities once
+#: for all of them: the recompute costs about half as much per target as with one, for three extra sets held.
+GROUP_TARGETS = 4
 
 
 def check_capture(capture) -> str:
@@ -176,11 +177,9 @@ class InterfaceRelevance:
         stack.enter_context(self.capture_)
 
     def group_size(self, recorded: Sequence[torch.Tensor], n_targets: int) -> int:
-        """Targets per :meth:`maps` call: as many as fit :data:`GROUP_BYTES` of gradients w.r.t. the recorded
-        outputs (each target's is the size of all of them), so each chunk of probabilities is recomputed once for
-        the group instead of once per target."""
-        per_target = sum(t.numel() * t.element_size() for t in recorded)
-        return int(max(1, min(n_targets, GROUP_BYTES // max(per_target, 1))))
+        """Targets per :meth:`maps` call (:data:`GROUP_TARGETS`): each chunk of probabilities is recomputed once
+        for the group instead of once per target."""
+        return max(1, min(n_targets, GROUP_TARGETS))
 
     def after_forward(self) -> list[torch.Tensor]:
         self.capture_.check_complete()
