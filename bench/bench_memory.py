@@ -17,8 +17,9 @@ Parts:
 Peak memory: one process per (part, length); after one warm-up run, CPU: the peak RSS (VmHWM, reset through
 /proc/self/clear_refs) minus the RSS before the measured run, with MALLOC_MMAP_THRESHOLD_=131072 so that freed
 temporaries go back to the OS and peaks repeat; CUDA: max_memory_allocated minus memory_allocated before the run.
-Time: one process per length, warm-up rounds, then round-robin timed rounds over the parts (load changes hit every
-part alike); medians; ratios from the same run. A part that fails (e.g. out of memory) is reported as such.
+Time: one process per length (glibc's default allocator), warm-up rounds, then round-robin timed rounds over the
+parts (load changes hit every part alike); medians; ratios from the same run. A part that fails (e.g. out of
+memory) is reported as such.
 
 Usage:
   python bench/bench_memory.py [--lengths 512,1024,2048,4096] [--parts floor,interface,eager] [--warmup 3]
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
         if not args.no_time and timed:
             extra = ["--child", "time", "--length", str(n), "--parts", ",".join(timed), "--warmup",
                      str(args.warmup), "--repeat", str(args.repeat)]
-            times, err = _child(args, extra, MMAP_ENV)
+            times, err = _child(args, extra, {"TQDM_DISABLE": "1"})  # glibc's default allocator, as users run
             for part in timed:
                 if times:
                     row[part].update(times[part])

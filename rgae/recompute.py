@@ -9,7 +9,8 @@ then the mean, as :func:`rgae.rules.gradient_weighted_attention`) is formed a fe
 
 * :func:`row_trick_step` — ``v ← v + v · cam`` for the rows v needs (the row trick of
   :func:`rgae.rules.propagate_rows`, one layer), skipping rows where v is zero (after the predicting position in a
-  causal model) and keys the mask forbids, so the extra memory is ``O(T · H · chunk · n)``, never ``O(H · n²)``;
+  causal model) and keys the mask forbids, so the extra memory is ``O(T · H · chunk · n)`` for T targets at once and
+  ``chunk`` query rows per step, never ``O(H · n²)``;
 * :func:`layer_cam` — the full ``[n_q, n_k]`` cam (small layers: a Q-Former, a ViT propagated in full);
 * :func:`probability_rows`, :func:`layer_probabilities`, :func:`rollout_step` — the probabilities themselves, for
   raw attention and attention rollout.
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_ROWS",
     "AttentionBlock",
     "Workspace",
     "compute_dtype",
@@ -55,9 +56,11 @@ __all__ = [
     "row_trick_step",
 ]
 
-#: Elements of the largest ``[T, H, rows, keys]`` temporary: 2**21 float32 numbers are 8 MiB, and a chunk holds
-#: about twice that however long the sequence (4,096 tokens × 8 heads, one target: 64 rows per chunk).
-DEFAULT_CHUNK_ELEMENTS = 2**21
+#: Query rows per chunk. A chunk's temporaries are ``[T, H, rows, keys]``, so the extra memory grows like the
+#: sequence (as a forward's activations do), never like its square: 4 targets × 8 heads × 256 rows × 2,048 keys
+#: in float32 is 64 MiB. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy CPU
+#: every multi-threaded operation waits for its threads to be scheduled, whatever its size.
+DEFAULT_CHUNK_ROWS = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,10 +185,10 @@ class AttentionBlock:
         index = _row_index(rows, self.query.device)
         r, c = index.numel(), c1 - c0
         device = self.query.device
-        # The scaling goes on the [H, r, d] queries rather than on the [H, r, c] logits: one pass less per chunk.
-        q = (self.query[:, rows].to(dtype) * self.scaling).reshape(h_kv, groups * r, -1)
+        q = self.query[:, rows].to(dtype).reshape(h_kv, groups * r, -1)  # a view without GQA
         logits = ws.take("logits", (h_kv, groups * r, c), dtype, device)
-        torch.bmm(q, self.key[:, c0:c1].to(dtype).transpose(-1, -2), out=logits)
+        # The scaling rides in the matrix product (alpha): no extra pass over the [H, r, c] logits.
+        logits.baddbmm_(q, self.key[:, c0:c1].to(dtype).transpose(-1, -2), beta=0.0, alpha=self.scaling)
         logits = logits.view(h_kv, groups, r, c)
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
@@ -196,7 +199,7 @@ class AttentionBlock:
                 logits.masked_fill_(~m, -math.inf)
             else:
                 logits.add_(m.to(dtype))
-        for a, b, forbidden in self._position_masks(index, c0, c1):
+        for a, b, forbidden in self._position_masks(rows, index, c0, c1, ws):
             logits[..., a - c0 : b - c0].masked_fill_(forbidden, -math.inf)
         probs = ws.take("probs", (h_kv, groups, r, c), dtype, device)
         torch.softmax(logits, dim=-1, out=probs)
@@ -208,45 +211,65 @@ class AttentionBlock:
                 probs.masked_fill_(dead, 0.0)
         return probs if workspace is not None else probs.clone()
 
-    def _position_masks(self, index: torch.Tensor, c0: int, c1: int):
+    def _position_masks(self, rows, index: torch.Tensor, c0: int, c1: int, ws: Workspace):
         """``(a, b, forbidden [r, b - a])``: the causal / window rules on the only key slabs they can forbid (a
-        causal row chunk ``[r0, r1)`` can only forbid keys in ``(r0, r1)``), so a chunk never pays a full pass."""
+        causal row chunk ``[r0, r1)`` can only forbid keys in ``(r0, r1)``), so a chunk never pays a full pass.
+        For a slice of rows a slab's pattern depends only on its offsets from ``r0``: made once per workspace."""
         if not (self.causal or self.window is not None):
             return
-        i = index.view(-1, 1)
         r0, r1 = int(index.min()), int(index.max()) + 1
         slabs = []
         if self.causal:
-            slabs.append((max(c0, r0 + 1), c1, lambda j: j > i))
+            slabs.append(("causal", max(c0, r0 + 1), c1))
         if self.window is not None:
-            w = self.window
-            slabs.append((c0, min(c1, r1 - w), lambda j: j <= i - w))
+            slabs.append(("left", c0, min(c1, r1 - self.window)))
             if not self.causal:
-                slabs.append((max(c0, r0 + w), c1, lambda j: j >= i + w))
-        for a, b, rule in slabs:
-            if b > a:
-                yield a, b, rule(torch.arange(a, b, device=index.device).view(1, -1))
+                slabs.append(("right", max(c0, r0 + self.window), c1))
+        for rule, a, b in slabs:
+            if b <= a:
+                continue
 
-    def cam(self, grad_output: torch.Tensor, rows: slice | torch.Tensor, c0: int, c1: int, dtype: torch.dtype,
+            def make(rule=rule, a=a, b=b):
+                i = index.view(-1, 1)
+                j = torch.arange(a, b, device=index.device).view(1, -1)
+                w = self.window
+                return j > i if rule == "causal" else (j <= i - w if rule == "left" else j >= i + w)
+
+            if isinstance(rows, slice):
+                yield a, b, ws.cached((rule, a - r0, b - r0, r1 - r0, self.window), make)
+            else:
+                yield a, b, make()
+
+    def arrange(self, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[T, H, n_q, d_v]`` gradients (w.r.t. this block's per-head output) in the layout :meth:`cam`
+        multiplies without copying a chunk: ``[H_kv, n_q, T · groups, d_v]``, contiguous, in ``dtype``."""
+        t, _, n, d_v = grad_output.shape
+        groups = self.heads // self.kv_heads
+        g = grad_output.to(dtype).reshape(t, self.kv_heads, groups, n, d_v).permute(1, 3, 0, 2, 4)
+        return g.reshape(self.kv_heads, n, t * groups, d_v)
+
+    def cam(self, grads: torch.Tensor, rows: slice, c0: int, c1: int, dtype: torch.dtype,
             scale: float | None = None, workspace: Workspace | None = None) -> torch.Tensor:
-        """``[T, r, c1 - c0]``: ``mean_h (G_h ⊙ A_h)+`` on those rows/keys, ``G_h = (∂y/∂O_h) V_hᵀ``; times
-        ``scale`` instead of the head mean's ``1 / H`` when given (callers fold the mean into a later product).
-        The probabilities are computed once for all T targets.
+        """``[T, r, c1 - c0]``: ``mean_h (G_h ⊙ A_h)+`` on rows ``rows`` / keys ``c0 .. c1-1``, with
+        ``G_h = (∂y/∂O_h) V_hᵀ``; times ``scale`` instead of the head mean's ``1 / H`` when given (callers fold the
+        mean into a later product). The probabilities are computed once for all T targets.
 
-        ``grad_output``: ``[T, H, n_q, d_v]`` gradients of T targets w.r.t. this block's per-head output.
+        ``grads``: the T targets' gradients as :meth:`arrange` lays them out.
         """
         ws = workspace or Workspace()
         probs = self.probabilities(rows, c0, c1, dtype, ws)
         h_kv, groups, r = self.kv_heads, self.heads // self.kv_heads, probs.shape[2]
-        t, c = grad_output.shape[0], c1 - c0
-        # Targets share the values: fold T into the rows, [H_kv, T·groups·r, d_v] @ [H_kv, d_v, c].
-        g = grad_output[:, :, rows].to(dtype).reshape(t, h_kv, groups * r, -1).transpose(0, 1)
-        grad = ws.take("grad", (h_kv, t * groups * r, c), dtype, probs.device)
-        torch.bmm(g.reshape(h_kv, t * groups * r, -1), self.value[:, c0:c1].to(dtype).transpose(-1, -2), out=grad)
+        tg, c = grads.shape[2], c1 - c0
+        # Every target and head group shares the values: one [H_kv, r·T·groups, d_v] @ [H_kv, d_v, c] product.
+        grad = ws.take("grad", (h_kv, r * tg, c), dtype, probs.device)
+        torch.bmm(grads[:, rows].reshape(h_kv, r * tg, -1), self.value[:, c0:c1].to(dtype).transpose(-1, -2),
+                  out=grad)
         # (G ⊙ A)+ = G+ ⊙ A since A >= 0: the clamp is per head, before the head sum.
-        grad = grad.view(h_kv, t, groups, r, c).clamp_(min=0).mul_(probs.unsqueeze(1))
-        total = grad.sum(dim=(0, 2))
-        return total.div_(self.heads) if scale is None else (total.mul_(scale) if scale != 1 else total)
+        grad = grad.view(h_kv, r, tg // groups, groups, c).clamp_(min=0)
+        grad.mul_(probs.permute(0, 2, 1, 3).unsqueeze(2))
+        total = grad.sum(dim=(0, 3))  # [r, T, c]
+        total = total.div_(self.heads) if scale is None else (total.mul_(scale) if scale != 1 else total)
+        return total.transpose(0, 1)
 
 
 class Workspace:
@@ -259,6 +282,13 @@ class Workspace:
     def __init__(self, capacity: int = 0):
         self.capacity = capacity
         self._buffers: dict[str, torch.Tensor] = {}
+        self._cache: dict = {}
+
+    def cached(self, key, make):
+        """``make()``, once per ``key`` (e.g. a chunk's causal pattern, the same for every chunk of one size)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def take(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         numel = math.prod(shape)
@@ -296,10 +326,6 @@ def _check_layer(blocks: Sequence[AttentionBlock], grads=None) -> None:
         t = g.shape[0]
 
 
-def _rows_per_chunk(block: AttentionBlock, targets: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(1, targets * block.heads * block.n_k))
-
-
 def _chunks(block: AttentionBlock, lo: int, hi: int, step: int):
     """Row chunks ``slice(r0, r1)`` of ``[lo, hi)`` with the key span each may attend (empty spans skipped)."""
     for r0 in range(lo, hi, step):
@@ -321,7 +347,7 @@ def row_trick_step(
     v: torch.Tensor,
     blocks: Sequence[AttentionBlock],
     grads: Sequence[torch.Tensor],
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """One layer of the row trick, ``v + v · cam``, with cam streamed from the recomputed attention.
 
@@ -334,7 +360,7 @@ def row_trick_step(
             (:func:`compute_dtype` of the model's).
         blocks: the layer's attention blocks (self-attention: the layer maps n tokens to n tokens).
         grads: per block ``[T, H, n_q, d_v]``, target t's gradient w.r.t. the block's per-head output.
-        chunk_elements: size of the largest ``[T, H, rows, keys]`` temporary.
+        chunk_rows: query rows per chunk (the temporaries are ``[T, H, chunk_rows, keys]``).
 
     Returns:
         ``[T, n]``, a new tensor.
@@ -347,10 +373,11 @@ def row_trick_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = _rows_per_chunk(block, v.shape[0], chunk_elements)
+        step = max(1, int(chunk_rows))
         ws = Workspace(v.shape[0] * block.heads * min(step, span[1] - span[0]) * block.n_k)
+        arranged = block.arrange(grad, v.dtype)
         for rows, c0, c1 in _chunks(block, *span, step):
-            cam = block.cam(grad, rows, c0, c1, v.dtype, scale=1.0, workspace=ws)  # 1/H goes on the weights
+            cam = block.cam(arranged, rows, c0, c1, v.dtype, scale=1.0, workspace=ws)  # 1/H goes on the weights
             weights = v[:, block.q_offset + rows.start : block.q_offset + rows.stop].unsqueeze(1) / block.heads
             out[:, block.k_offset + c0 : block.k_offset + c1] += torch.bmm(weights, cam).squeeze(1)
     return out
@@ -361,7 +388,7 @@ def layer_cam(
     grads: Sequence[torch.Tensor],
     n_q: int,
     n_k: int,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """The full per-layer map ``[T, n_q, n_k]`` = ``mean_h (G ⊙ A)+`` of every target (zero between blocks)."""
     _check_layer(blocks, grads)
@@ -369,11 +396,12 @@ def layer_cam(
     dtype = compute_dtype(ref.dtype)
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
-        step = _rows_per_chunk(block, grad.shape[0], chunk_elements)
+        step = max(1, int(chunk_rows))
         ws = Workspace(grad.shape[0] * block.heads * min(step, block.n_q) * block.n_k)
+        arranged = block.arrange(grad, dtype)
         for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
             out[:, block.q_offset + rows.start : block.q_offset + rows.stop,
-                block.k_offset + c0 : block.k_offset + c1] = block.cam(grad, rows, c0, c1, dtype, workspace=ws)
+                block.k_offset + c0 : block.k_offset + c1] = block.cam(arranged, rows, c0, c1, dtype, workspace=ws)
     return out
 
 
@@ -408,7 +436,7 @@ def rollout_step(
     blocks: Sequence[AttentionBlock],
     heads: Sequence[int] | None = None,
     residual: float = 0.5,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """One layer of attention rollout by the row trick: ``v · Â`` with ``Â = (1 - r)·mean_h A + r·I``, rows
     renormalized to 1 (``rgae.methods.rollout.rollout_layer``), streamed in row chunks.
@@ -427,7 +455,7 @@ def rollout_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = _rows_per_chunk(block, 1, chunk_elements)
+        step = max(1, int(chunk_rows))
         ws = Workspace(block.heads * min(step, span[1] - span[0]) * block.n_k)
         for rows, c0, c1 in _chunks(block, *span, step):
             r = rows.stop - rows.start

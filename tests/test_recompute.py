@@ -88,18 +88,18 @@ def blocks(draw, square=False):
 
 
 @PROPERTY
-@given(block=blocks(), targets=st.integers(1, 3), chunk=st.sampled_from([1, 7, 2**22]), seed=seeds)
+@given(block=blocks(), targets=st.integers(1, 3), chunk=st.sampled_from([1, 2, 3, 128]), seed=seeds)
 def test_layer_cam_equals_gradient_weighted_attention_of_the_dense_matrices(block, targets, chunk, seed):
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(targets, block.heads, block.n_q, block.value.shape[-1], generator=g, dtype=torch.float64)
     expected = gradient_weighted_attention(dense_probs(block).expand(targets, -1, -1, -1), dense_grad(block, grad_out))
-    got = layer_cam([block], [grad_out], block.n_q, block.n_k, chunk_elements=chunk)
+    got = layer_cam([block], [grad_out], block.n_q, block.n_k, chunk_rows=chunk)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer_probabilities([block], block.n_q, block.n_k), dense_probs(block))
 
 
 @PROPERTY
-@given(layers=st.lists(blocks(square=True), min_size=1, max_size=4), seed=seeds, chunk=st.sampled_from([1, 5, 2**22]))
+@given(layers=st.lists(blocks(square=True), min_size=1, max_size=4), seed=seeds, chunk=st.sampled_from([1, 2, 5, 128]))
 def test_streamed_row_trick_equals_propagate_rows_of_the_full_cams(layers, seed, chunk):
     n = layers[0].n_q
     layers = [b for b in layers if b.n_q == n]
@@ -113,7 +113,7 @@ def test_streamed_row_trick_equals_propagate_rows_of_the_full_cams(layers, seed,
     v = torch.zeros(2, n, dtype=torch.float64)
     v[0, rows[0]] = v[1, rows[1]] = 1.0
     for block, grad in zip(reversed(layers), reversed(grads)):
-        v = row_trick_step(v, [block], [grad], chunk_elements=chunk)
+        v = row_trick_step(v, [block], [grad], chunk_rows=chunk)
     torch.testing.assert_close(v, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -132,7 +132,7 @@ def test_streamed_rollout_equals_the_product_of_rollout_layers(layers, residual,
         expected = expected @ rollout_layer((probs if heads is None else probs[heads]).mean(0), residual)
     v = torch.eye(n, dtype=torch.float64)[rows]
     for b in reversed(layers):
-        v = rollout_step(v, [b], heads=heads, residual=residual, chunk_elements=3)
+        v = rollout_step(v, [b], heads=heads, residual=residual, chunk_rows=3)
     torch.testing.assert_close(v, expected, rtol=1e-10, atol=1e-12)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from rgae.attention_capture import InterfaceCapture
 from rgae.capture import AttentionRecorder, eager_attention, explain_mode
-from rgae.recompute import DEFAULT_CHUNK_ELEMENTS, compute_dtype, layer_cam, row_trick_step
+from rgae.recompute import DEFAULT_CHUNK_ROWS, compute_dtype, layer_cam, row_trick_step
 from rgae.rules import propagate, propagate_rows
 
 CAPTURES = ("interface", "eager")
@@ -166,10 +166,10 @@ class InterfaceRelevance:
     capture = "interface"
 
     def __init__(self, model: nn.Module, adapter, through_vision: bool,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
         self.model = model
         self.through_vision = through_vision
-        self.chunk_elements = chunk_elements
+        self.chunk_rows = chunk_rows
         self.capture_ = InterfaceCapture(model, attention_groups(adapter, through_vision))
 
     def enter(self, stack: contextlib.ExitStack) -> None:
@@ -206,12 +206,12 @@ class InterfaceRelevance:
         v[torch.arange(k), torch.as_tensor(list(rows))] = 1.0
         for layer, g in zip(reversed(llm), reversed(per_layer["llm"])):  # e_rᵀ (I + cam_L) ⋯ (I + cam_1)
             if g is not None:
-                v = row_trick_step(v, layer.blocks, g, self.chunk_elements)
+                v = row_trick_step(v, layer.blocks, g, self.chunk_rows)
         if not bool(torch.isfinite(v).all()):
             raise ValueError("propagate_rows overflowed: the layer maps are too large for the product to stay finite")
         proj_cams = []
         for layer, g in zip(self.layers["projector"], per_layer["projector"]):
-            cam = (layer_cam(layer.blocks, g, layer.n_q, layer.n_k, self.chunk_elements) if g is not None
+            cam = (layer_cam(layer.blocks, g, layer.n_q, layer.n_k, self.chunk_rows) if g is not None
                    else torch.zeros(k, layer.n_q, layer.n_k, dtype=dtype, device=ref.device))
             proj_cams.append(cam)
         r_vit = None
@@ -221,7 +221,7 @@ class InterfaceRelevance:
             r_vit = torch.eye(n_v, dtype=dtype, device=ref.device).expand(k, n_v, n_v).clone()
             for layer, g in zip(vis, per_layer["vision"]):  # R = (I + cam_k) ⋯ (I + cam_1), first layer first
                 if g is not None:
-                    r_vit = r_vit + layer_cam(layer.blocks, g, n_v, n_v, self.chunk_elements) @ r_vit
+                    r_vit = r_vit + layer_cam(layer.blocks, g, n_v, n_v, self.chunk_rows) @ r_vit
         return [(v[i], [c[i] for c in proj_cams], None if r_vit is None else r_vit[i]) for i in range(k)]
 
 
