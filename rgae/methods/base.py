@@ -9,6 +9,7 @@ step-by-step generation of the same target would give (tests/test_reference.py c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from rgae.adapters import ModelAdapter, get_adapter
 from rgae.explanation import Explanation
+from rgae.layout import ImageLayout
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."
 
@@ -92,11 +94,15 @@ class PreparedInputs:
     target_ids: torch.Tensor  # [T]
     target_text: str
     prompt: str
-    image_positions: torch.Tensor  # [M]
-    image: np.ndarray | None
-    content_box: tuple[int, int, int, int] | None
+    layout: ImageLayout  # where the image tokens are and which patches / pixels they come from
+    image: np.ndarray  # uint8 [H, W, 3]: the original image
     word_ids: list[int] | None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other model inputs (image_sizes, ...)
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """``[M]`` sequence positions of the image's tokens (on the inputs' device)."""
+        return self.layout.positions.to(self.input_ids.device)
 
     @property
     def target_positions(self) -> torch.Tensor:
@@ -108,32 +114,21 @@ class PreparedInputs:
         return self.target_positions - 1
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text."""
+        total = self.input_ids.shape[1]
+        extra = {}
+        for key, value in self.extra.items():
+            if value.ndim == 2 and value.shape == (1, self.prompt_len) and total > self.prompt_len:
+                pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+                value = torch.cat([value, pad], dim=1)
+            extra[key] = value
         return {
             "input_ids": self.input_ids,
             "pixel_values": self.pixel_values,
             "attention_mask": torch.ones_like(self.input_ids),
-            **self.extra,
+            **extra,
         }
-
-
-def _image_processor_stats(processor):
-    ip = getattr(processor, "image_processor", None)
-    mean = getattr(ip, "image_mean", None)
-    std = getattr(ip, "image_std", None)
-    scale = getattr(ip, "rescale_factor", 1 / 255)
-    return mean, std, scale
-
-
-def model_seen_image(processor, pixel_values: torch.Tensor) -> np.ndarray | None:
-    """``uint8 [H, W, 3]``: the pixels the model saw, recovered by undoing the processor's normalization."""
-    mean, std, scale = _image_processor_stats(processor)
-    pv = pixel_values.detach().float().cpu()[0]
-    if pv.ndim != 3 or pv.shape[0] != 3:
-        return None
-    mean_t = torch.tensor(mean if mean is not None else [0.0] * 3).view(3, 1, 1)
-    std_t = torch.tensor(std if std is not None else [1.0] * 3).view(3, 1, 1)
-    img = (pv * std_t + mean_t) / float(scale or 1 / 255)
-    return img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 class Explainer:
@@ -160,29 +155,22 @@ class Explainer:
         return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
 
     def encode_prompt(self, image, prompt: str | None):
+        """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
         text = build_prompt(self.processor, prompt)
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:
             batch = self.processor(text=text, images=pil, return_tensors="pt")
-        input_ids = batch["input_ids"].to(self.device)
+        input_ids = batch["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
-        pixel_values = batch["pixel_values"].to(self.device, self.dtype)
-        extra = {k: v.to(self.device) for k, v in batch.items() if k in ("image_sizes",) and v is not None}
-        content_box = None
-        image_np = None
-        info = getattr(batch, "image_info", None)
-        if info:  # a processor that pads/resizes (DecoProcessor) says what the model saw and where the image is
-            image_np = np.asarray(info[0].model_image, dtype=np.uint8)
-            box = getattr(info[0], "content_box", None)
-            content_box = None if box is None else tuple(int(round(float(v))) for v in box)
-        if image_np is None:
-            image_np = model_seen_image(self.processor, pixel_values)
-        if content_box is None and image_np is not None:
-            content_box = (0, 0, int(image_np.shape[1]), int(image_np.shape[0]))
-        return text, input_ids, pixel_values, extra, image_np, content_box
+        layout = self.adapter.layout(self.processor, batch, (pil.height, pil.width))
+        inputs = {}
+        for key, value in self.adapter.model_inputs(batch).items():
+            value = value.to(self.device)
+            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return text, input_ids.to(self.device), inputs, layout, np.array(pil, dtype=np.uint8)
 
     def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
         if not isinstance(target, str):
@@ -232,7 +220,9 @@ class Explainer:
         return torch.tensor(keep, dtype=torch.long)
 
     def prepare(self, image, target: str | None, prompt: str | None, max_new_tokens: int = 32) -> PreparedInputs:
-        text, prompt_ids, pixel_values, extra, image_np, content_box = self.encode_prompt(image, prompt)
+        text, prompt_ids, model_inputs, layout, image_np = self.encode_prompt(image, prompt)
+        pixel_values = model_inputs.pop("pixel_values")
+        extra = model_inputs
         tok = tokenizer_of(self.processor)
         if target is None:
             target_ids = self.generate_target(prompt_ids, pixel_values, extra, max_new_tokens)
@@ -249,7 +239,6 @@ class Explainer:
                 f"longer than the model's context (max_position_embeddings = {limit})"
             )
         input_ids = torch.cat([prompt_ids, target_ids.view(1, -1).to(prompt_ids.device)], dim=1)
-        image_positions = self.adapter.image_positions(prompt_ids)
         return PreparedInputs(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -257,9 +246,8 @@ class Explainer:
             target_ids=target_ids.to(self.device),
             target_text=target_text,
             prompt=text,
-            image_positions=image_positions,
+            layout=layout,
             image=image_np,
-            content_box=content_box,
             word_ids=word_ids,
             extra=extra,
         )
@@ -296,19 +284,17 @@ class Explainer:
         tok = tokenizer_of(self.processor)
         ids = inputs.target_ids.tolist()
         tokens = tok.convert_ids_to_tokens(ids)
-        query_grid = self.adapter.query_grid
-        if (
-            text_to_query is not None
-            and query_grid is not None
-            and query_grid[0] * query_grid[1] != text_to_query.shape[1]
-        ):
+        layout = inputs.layout
+        query_grid = layout.query_grid
+        if text_to_query is not None and query_grid is not None and math.prod(query_grid) != text_to_query.shape[1]:
             query_grid = None
         return Explanation(
             method=self.method,
             target_text=inputs.target_text,
             output_tokens=[str(t) for t in tokens],
             text_to_patch=text_to_patch.detach().cpu(),
-            patch_grid=self.adapter.patch_grid,
+            patch_grid=layout.views[0].grid if layout.is_single_grid else None,
+            layout=layout,
             text_to_query=None if text_to_query is None else text_to_query.detach().cpu(),
             query_to_patch=None if query_to_patch is None else query_to_patch.detach().cpu(),
             query_grid=query_grid,
@@ -316,7 +302,6 @@ class Explainer:
             token_probs=token_probs,
             word_ids=inputs.word_ids,
             image=inputs.image,
-            content_box=inputs.content_box,
             input_ids=inputs.input_ids.detach().cpu(),
             pixel_values=inputs.pixel_values.detach().cpu(),
             target_positions=inputs.target_positions.detach().cpu(),

@@ -18,7 +18,6 @@ import torch
 
 from rgae.capture import AttentionRecorder, eager_attention, explain_mode
 from rgae.methods.base import Explainer, PreparedInputs
-from rgae.rules import identity_map, pooling_map
 
 
 def select_heads(attn: torch.Tensor, heads) -> torch.Tensor:
@@ -60,16 +59,17 @@ class AttentionForward(Explainer):
         self._probs = self.token_probs(logits, inputs, offset)
         return logits, [a[0] for a in llm.attentions], [a[0] for a in proj.attentions]
 
-    def geometric_q2p(self, proj_attn: list[torch.Tensor], heads_proj=None) -> torch.Tensor:
+    def geometric_q2p(self, inputs: PreparedInputs, proj_attn: list[torch.Tensor], heads_proj=None) -> torch.Tensor:
+        """Query-to-Patch without gradients: the last Q-Former cross-attention, or the layout's structural map."""
         ad = self.adapter
-        ref = proj_attn[-1] if proj_attn else None
         if ad.projector_kind == "qformer":
             cross = [a for (k, _), a in zip(ad.projector_attention, proj_attn) if k == "cross"]
             return select_heads(cross[-1], heads_proj)[:, ad.feature_prefix :]
-        dtype = torch.float32 if ref is None else ref.dtype
-        if ad.is_identity:
-            return identity_map(ad.n_features, dtype=dtype)[:, ad.feature_prefix :]
-        return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype)
+        q2p = inputs.layout.query_to_patch
+        if q2p is None:
+            raise ValueError(f"the {inputs.layout.rule!r} connector has no structural Query-to-Patch map")
+        dtype = proj_attn[-1].dtype if proj_attn else torch.float32
+        return q2p.to(dtype)
 
 
 class RawAttention(AttentionForward):
@@ -86,7 +86,7 @@ class RawAttention(AttentionForward):
         attn = select_layers(maps, layer)
         rows = inputs.predicting_positions.to(attn.device)
         t2q = attn[rows][:, inputs.image_positions]
-        q2p = self.geometric_q2p(proj_attn).to(t2q.device, t2q.dtype)
+        q2p = self.geometric_q2p(inputs, proj_attn).to(t2q.device, t2q.dtype)
         return self.pack(
             inputs, text_to_patch=t2q @ q2p, token_probs=self._probs, text_to_query=t2q,
             query_to_patch=q2p, options={"layer": layer, "heads": heads},

@@ -98,6 +98,10 @@ def gradient_rule_q2p(projector, features: torch.Tensor, grad_out: torch.Tensor,
     return contrib / torch.where(total > 0, total, torch.ones_like(total))
 
 
+#: Query-to-Patch rules fixed by the connector's structure (the layout carries the map); the others (gradient,
+#: Q-Former GAE) depend on the target and are computed per token.
+STRUCTURAL_RULES = ("identity", "pooling", "block", "bilinear")
+
 AUTO_GRAD_BATCH = 16
 AUTO_GRAD_BATCH_BYTES = 2 * 1024**3
 
@@ -169,19 +173,16 @@ class RGAE(Explainer):
             options={
                 "through_vision": bool(through_vision),
                 "projector_kind": self.adapter.projector_kind,
-                "query_to_patch_rule": self.query_to_patch_rule(through_vision),
+                "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
                 "explained_scalar": "raw logit of the target token at the predicting position",
             },
         )
 
-    def query_to_patch_rule(self, through_vision: bool) -> str:
-        kind = self.adapter.projector_kind
-        rule = {
-            "linear": "identity",
-            "mlp": "identity",
-            "avgpool": "pooling",
-            "qformer": "qformer_gae (mean over target tokens)",
-        }.get(kind, "gradient (mean over target tokens)")
+    @staticmethod
+    def query_to_patch_rule(layout, through_vision: bool) -> str:
+        rule = layout.rule
+        if rule not in STRUCTURAL_RULES:
+            rule += " (mean over target tokens)"
         return rule + (" · vit_gae" if through_vision else "")
 
     def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
@@ -225,7 +226,10 @@ class RGAE(Explainer):
             image_pos = inputs.image_positions
             device = logits.device
             dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-            static_q2p = self._static_q2p(dtype, device) if kind in ("linear", "mlp", "avgpool") else None
+            layout = inputs.layout
+            static_q2p = None
+            if layout.rule in STRUCTURAL_RULES:
+                static_q2p = layout.query_to_patch.to(dtype=dtype, device=device)
 
             t2q_rows, q2p_maps = [], []
             inputs_for_grad = [*all_attn.attentions, *extra]
@@ -252,7 +256,7 @@ class RGAE(Explainer):
                     if r_vit is not None:
                         q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
                 elif grads[-1] is None:  # the target does not depend on the image at all
-                    q2p = torch.zeros(ad.n_queries, ad.n_patches, dtype=dtype, device=device)
+                    q2p = torch.zeros(layout.n_tokens, layout.n_patches, dtype=dtype, device=device)
                 else:
                     q2p_feat = gradient_rule_q2p(ad.projector, io.input, grads[-1]).to(dtype)
                     q2p = self._compose_vit(q2p_feat, r_vit) if r_vit is not None else q2p_feat[:, ad.feature_prefix :]
@@ -283,9 +287,6 @@ class RGAE(Explainer):
         if ad.projector_kind in ("linear", "mlp"):
             return identity_map(ad.n_features, dtype=dtype, device=device)
         return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype, device=device)
-
-    def _static_q2p(self, dtype, device) -> torch.Tensor:
-        return self._feature_q2p(dtype, device)[:, self.adapter.feature_prefix :]
 
     def _vit_rows(self) -> slice:
         ad = self.adapter

@@ -41,7 +41,7 @@ class AttentionRollout(AttentionForward):
         for a in reversed(layers):  # e_rᵀ Â_L ⋯ Â_1, last layer first
             v = v @ a
         t2q = v[:, inputs.image_positions]
-        q2p = self.geometric_q2p(proj_attn).to(t2q.device, t2q.dtype)
+        q2p = self.geometric_q2p(inputs, proj_attn).to(t2q.device, t2q.dtype)
         return self.pack(
             inputs, text_to_patch=t2q @ q2p, token_probs=self._probs, text_to_query=t2q,
             query_to_patch=q2p, options={"heads": heads, "residual": float(residual)},
