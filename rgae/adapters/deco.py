@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, leaf_attention_modules
 from rgae.adapters.llava import llava_parts, vision_geometry
 
@@ -40,3 +41,14 @@ def deco_adapter(model: nn.Module) -> ModelAdapter:
         feature_prefix=feature_prefix,
         projector_type=getattr(model.config, "projector_type", None),
     )
+
+
+FAMILY = Family(
+    name="deco",
+    model_classes=("DecoForConditionalGeneration",),
+    build=deco_adapter,
+    connector="any deco_models projector: linear/MLP, avgpool (DeCo), maxpool, Q-Former, C-/D-Abstractor",
+    query_to_patch="identity (linear/MLP), the pooling operator (avgpool), GAE through the Q-Former, "
+    "the gradient rule (maxpool, abstractors)",
+    matches=lambda model: getattr(getattr(model, "config", None), "model_type", None) == "deco",
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
 
 
@@ -71,3 +72,12 @@ def llava_adapter(model: nn.Module) -> ModelAdapter:
         feature_prefix=feature_prefix,
         projector_type="mlp2x_gelu",
     )
+
+
+FAMILY = Family(
+    name="llava",
+    model_classes=("LlavaForConditionalGeneration",),
+    build=llava_adapter,
+    connector="2-layer MLP per patch token (llava-hf checkpoints)",
+    query_to_patch="identity: token i is patch i",
+)
