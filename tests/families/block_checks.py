@@ -191,7 +191,7 @@ def check_pixels_of_one_patch(explainer, image: np.ndarray, patch: int, module, 
     assert region[2] > region[0] and region[3] > region[1], "the patch box is too small for the margin"
     strict = _overlapping(boxes, region)
     loose = _overlapping(boxes, region, _filter_reach(layout, patch_px, FILTER_SUPPORT[filter_name]))
-    assert strict == loose, f"test design: region {region} is within the filter's reach of patches {set(loose) - set(strict)}"
+    assert strict == loose, f"test design: {region} is within the filter's reach of {set(loose) - set(strict)}"
     slices = [layout.view_slice(i) for i in range(len(layout.views))]
     views = [next(i for i, s in enumerate(slices) if s.start <= q < s.stop) for q in strict]
     assert patch in strict and len(set(views)) == len(views), "one patch per view"

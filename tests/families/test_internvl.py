@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rgae import RGAE, AttentionRollout, RawAttention
 from rgae.adapters import families, get_adapter
@@ -86,7 +85,7 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
 
 def test_through_vision_is_refused_for_several_views(tiny):
     _, _, explainer = tiny
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet for InternVLForConditionalGeneration"):
+    with pytest.raises(ValueError, match="through_vision=True is not supported yet for InternVLForConditional"):
         explainer.attribute(tiny_image(24, 40), target="a", through_vision=True)
 
 
