@@ -48,6 +48,7 @@ def test_the_family_is_found_and_the_tags_are_placeholders(tiny):
     assert layout.n_tokens == 15 and bool((layout.query_to_patch[layout.placeholder] == 0).all())
     grid = explainer.prepare(tiny_image(64, 64), "a", None).layout
     assert [v.name for v in grid.views] == ["tile 0,0", "tile 0,1", "tile 1,0", "tile 1,1", "global"]
+    assert [v.box for v in grid.views][1:3] == [(32, 0, 64, 32), (0, 32, 32, 64)]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

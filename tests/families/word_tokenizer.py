@@ -3,9 +3,9 @@
 Aya Vision and Mistral3.
 
 Example:
-    >>> tok = word_tokenizer(["<s>", "<pad>", "<img>"], named={"start_image_token": "<img>"}, bos="<s>")
+    >>> tok = word_tokenizer(["<s>", "<pad>", "<img>"], named={"start_image_token": "<img>"}, bos="<s>")  # <unk> is 0
     >>> tok.convert_ids_to_tokens(tok("a red <img> circle")["input_ids"]), tok.start_image_token_id
-    (['<s>', 'a', 'red', '<img>', 'circle'], 2)
+    (['<s>', 'a', 'red', '<img>', 'circle'], 3)
 """
 
 from __future__ import annotations
