@@ -17,36 +17,20 @@ from torch import nn
 
 from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
-from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, image_layout, patch_indices
+from rgae.adapters.blocks import blocks_from_packed, patch_indices
+from rgae.adapters.internvl import CropToPatchesAdapter
 from rgae.adapters.llava import vision_geometry
-from rgae.adapters.tiling import crop_to_patches_views
 
 
-class AyaVisionAdapter(ModelAdapter):
-    """:class:`ModelAdapter` whose layout is Aya Vision's tiles + global image with 2×2 pixel-shuffle blocks."""
+class AyaVisionAdapter(CropToPatchesAdapter):
+    """Aya Vision's tiles + global image with 2×2 pixel-shuffle blocks."""
+
+    whole_view = "global"
 
     def token_blocks(self) -> torch.Tensor:
         """``[tokens per view, s²]``: the projector's ``pixel_shuffle`` run on patch indices."""
         packed = self.projector.pixel_shuffle(patch_indices(self.patch_grid))
         return blocks_from_packed(packed, self.n_patches)
-
-    def layout(self, processor, batch, image_size):
-        ids = batch["input_ids"]
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, S] (one example), got {tuple(ids.shape)}")
-        n_views = int(batch["pixel_values"].shape[0])
-        blocks = self.token_blocks()
-        per_view = blocks.shape[0]
-        positions = (ids[0] == self.image_token_id).nonzero().flatten()
-        if positions.numel() != n_views * per_view:
-            raise ValueError(
-                f"expected {n_views} views × {per_view} image tokens (id {self.image_token_id}), found "
-                f"{positions.numel()}; was the prompt built by the model's processor?"
-            )
-        views = crop_to_patches_views(processor, n_views, image_size, self.patch_grid, whole_name="global")
-        n = self.n_patches
-        q2p = torch.cat([block_query_to_patch(blocks, n, v * n, n * n_views) for v in range(n_views)])
-        return image_layout(image_size, views, positions, q2p)
 
     def model_inputs(self, batch):
         # num_patches is the processor's bookkeeping (older processors return it), not a model input.

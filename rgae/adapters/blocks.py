@@ -28,9 +28,11 @@ from rgae.layout import ImageLayout, View
 __all__ = [
     "block_query_to_patch",
     "blocks_from_packed",
+    "example_ids",
     "image_layout",
     "patch_indices",
     "token_runs",
+    "views_query_to_patch",
 ]
 
 
@@ -64,6 +66,21 @@ def block_query_to_patch(blocks: torch.Tensor, n_patches: int, offset: int = 0, 
     q2p = torch.zeros(t, total, dtype=torch.float64)
     q2p.scatter_(1, blocks + offset, 1.0 / k)
     return q2p
+
+
+def views_query_to_patch(blocks: torch.Tensor, n_patches: int, n_views: int) -> torch.Tensor:
+    """``[n_views · T, n_views · n_patches]``: the block rule of ``n_views`` views that share one packing, their
+    tokens and patches numbered view after view."""
+    total = n_patches * n_views
+    return torch.cat([block_query_to_patch(blocks, n_patches, v * n_patches, total) for v in range(n_views)])
+
+
+def example_ids(batch) -> torch.Tensor:
+    """``[S]``: the ``input_ids`` of the batch's one example (``ValueError`` for a batch of several)."""
+    ids = batch["input_ids"]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, S] (one example), got {tuple(ids.shape)}")
+    return ids[0]
 
 
 def token_runs(mask: torch.Tensor) -> list[tuple[int, int]]:

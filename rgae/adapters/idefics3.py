@@ -26,7 +26,14 @@ from torch import nn
 
 from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
-from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, image_layout, patch_indices, token_runs
+from rgae.adapters.blocks import (
+    blocks_from_packed,
+    example_ids,
+    image_layout,
+    patch_indices,
+    token_runs,
+    views_query_to_patch,
+)
 from rgae.adapters.tiling import grid_tile_boxes, whole_image_box
 from rgae.layout import View
 
@@ -49,10 +56,7 @@ class Idefics3Adapter(ModelAdapter):
         return blocks_from_packed(packed, self.n_patches)
 
     def layout(self, processor, batch, image_size):
-        ids = batch["input_ids"]
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, S] (one example), got {tuple(ids.shape)}")
-        ids = ids[0]
+        ids = example_ids(batch)
         pixel_values = batch["pixel_values"]
         frames = pixel_values.reshape(-1, *pixel_values.shape[-3:])
         # The model drops all-zero frames (batch padding) before the vision tower.
@@ -101,8 +105,7 @@ class Idefics3Adapter(ModelAdapter):
                 content = (int(masks[v].any(1).sum()), int(masks[v].any(0).sum()))
                 box = frame_box(box, content, frame_hw)
             views.append(View("global" if cell is None else f"tile {cell[0]},{cell[1]}", self.patch_grid, box))
-        n = self.n_patches
-        q2p = torch.cat([block_query_to_patch(blocks, n, v * n, n * n_views) for v in range(n_views)])
+        q2p = views_query_to_patch(blocks, self.n_patches, n_views)
         positions = torch.cat([torch.arange(start, stop) for start, stop in runs])
         placeholders = torch.tensor([start - 1 for start, _ in runs], dtype=torch.long)
         return image_layout(image_size, views, positions, q2p, placeholders)

@@ -18,12 +18,38 @@ from torch import nn
 
 from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
-from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, image_layout, patch_indices
+from rgae.adapters.blocks import blocks_from_packed, example_ids, image_layout, patch_indices, views_query_to_patch
 from rgae.adapters.tiling import crop_to_patches_views
 
 
-class InternVLAdapter(ModelAdapter):
-    """:class:`ModelAdapter` whose layout is InternVL's tiles + thumbnail with 2×2 pixel-shuffle blocks."""
+class CropToPatchesAdapter(ModelAdapter):
+    """A :class:`ModelAdapter` for GotOcr2's crop-to-patches views (tiles, then the whole image) whose every view is
+    packed alike by :meth:`token_blocks` (InternVL, Aya Vision); the image tokens are ``image_token_id``'s, view
+    after view."""
+
+    #: The name of the view of the whole image that follows the tiles.
+    whole_view = "thumbnail"
+
+    def token_blocks(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def layout(self, processor, batch, image_size):
+        ids = example_ids(batch)
+        n_views = int(batch["pixel_values"].shape[0])
+        blocks = self.token_blocks()
+        per_view = blocks.shape[0]
+        positions = (ids == self.image_token_id).nonzero().flatten()
+        if positions.numel() != n_views * per_view:
+            raise ValueError(
+                f"expected {n_views} views × {per_view} image tokens (id {self.image_token_id}), found "
+                f"{positions.numel()}; was the prompt built by the model's processor?"
+            )
+        views = crop_to_patches_views(processor, n_views, image_size, self.patch_grid, self.whole_view)
+        return image_layout(image_size, views, positions, views_query_to_patch(blocks, self.n_patches, n_views))
+
+
+class InternVLAdapter(CropToPatchesAdapter):
+    """InternVL's tiles + thumbnail with 2×2 pixel-shuffle blocks."""
 
     def token_blocks(self) -> torch.Tensor:
         """``[tokens per view, 4]`` patch indices of each token's block: the model's ``pixel_shuffle`` run on patch
@@ -35,28 +61,11 @@ class InternVLAdapter(ModelAdapter):
         return blocks_from_packed(packed.reshape(1, -1, packed.shape[-1]), rows * cols)
 
     def layout(self, processor, batch, image_size):
-        ids = batch["input_ids"]
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, S] (one example), got {tuple(ids.shape)}")
-        pixel_values = batch["pixel_values"]
-        n_views = int(pixel_values.shape[0])
-        if tuple(pixel_values.shape[-2:]) != tuple(_as_hw(self.model.config.vision_config.image_size)):
-            raise ValueError(
-                f"the processor's tiles are {tuple(pixel_values.shape[-2:])} pixels, the vision tower expects "
-                f"{tuple(_as_hw(self.model.config.vision_config.image_size))}"
-            )
-        blocks = self.token_blocks()
-        per_view = blocks.shape[0]
-        positions = (ids[0] == self.image_token_id).nonzero().flatten()
-        if positions.numel() != n_views * per_view:
-            raise ValueError(
-                f"expected {n_views} views × {per_view} image tokens (id {self.image_token_id}), found "
-                f"{positions.numel()}; was the prompt built by the model's processor?"
-            )
-        views = crop_to_patches_views(processor, n_views, image_size, self.patch_grid)
-        n = self.n_patches
-        q2p = torch.cat([block_query_to_patch(blocks, n, v * n, n * n_views) for v in range(n_views)])
-        return image_layout(image_size, views, positions, q2p)
+        tiles = tuple(batch["pixel_values"].shape[-2:])
+        expected = tuple(_as_hw(self.model.config.vision_config.image_size))
+        if tiles != expected:
+            raise ValueError(f"the processor's tiles are {tiles} pixels, the vision tower expects {expected}")
+        return super().layout(processor, batch, image_size)
 
 
 def internvl_adapter(model: nn.Module) -> ModelAdapter:

@@ -25,7 +25,14 @@ from torch import nn
 
 from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
-from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, image_layout, patch_indices, token_runs
+from rgae.adapters.blocks import (
+    block_query_to_patch,
+    blocks_from_packed,
+    example_ids,
+    image_layout,
+    patch_indices,
+    token_runs,
+)
 from rgae.adapters.tiling import whole_image_box
 from rgae.layout import View
 
@@ -45,10 +52,7 @@ class Mistral3Adapter(ModelAdapter):
         return blocks_from_packed(packed, grid[0] * grid[1])
 
     def layout(self, processor, batch, image_size):
-        ids = batch["input_ids"]
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, S] (one example), got {tuple(ids.shape)}")
-        ids = ids[0]
+        ids = example_ids(batch)
         sizes = batch.get("image_sizes")
         if sizes is None:
             raise ValueError("Mistral3 needs the processor's image_sizes (the size each image was resized to)")
