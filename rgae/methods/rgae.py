@@ -191,6 +191,14 @@ class RGAE(Explainer):
         ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation."""
         ad = self.adapter
         kind = ad.projector_kind
+        views, rule = len(inputs.layout.views), inputs.layout.rule
+        if through_vision and (views > 1 or rule in ("block", "bilinear")):
+            # _compose_vit composes the ViT's relevance with the adapter's single-grid identity/pooling map only.
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
+                f"{views} view(s) and the {rule!r} Query-to-Patch rule; the ViT relevance is composed only with a "
+                "single view's identity or pooling map so far"
+            )
         llm = AttentionRecorder(ad.llm_attention, [f"LLM layer {i}" for i in range(len(ad.llm_attention))])
         proj_modules = [m for _, m in ad.projector_attention] if kind == "qformer" else []
         proj = AttentionRecorder(proj_modules, [f"projector {k}-attention {i}" for i, (k, _) in
