@@ -66,10 +66,11 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def build_prompt(processor, prompt: str | None) -> str:
-    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template (or a
-    plain ``USER: <image>\\n... ASSISTANT:`` template when the processor has none) around the instruction."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
+    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
+    the instruction; a processor without one gets ``template.format(instruction=...)`` (the adapter's
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:``."""
+    image_token = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2 keeps an AddedToken
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
@@ -81,6 +82,8 @@ def build_prompt(processor, prompt: str | None) -> str:
     if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if template is not None:
+        return template.format(instruction=instruction)
     return f"USER: {image_token}\n{instruction} ASSISTANT:"
 
 
@@ -157,7 +160,7 @@ class Explainer:
     def encode_prompt(self, image, prompt: str | None):
         """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
-        text = build_prompt(self.processor, prompt)
+        text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:

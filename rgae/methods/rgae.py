@@ -175,8 +175,15 @@ class RGAE(Explainer):
                 "projector_kind": self.adapter.projector_kind,
                 "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
                 "explained_scalar": "raw logit of the target token at the predicting position",
+                **self._non_patch_option(result["non_patch_share"]),
             },
         )
+
+    @staticmethod
+    def _non_patch_option(share) -> dict:
+        """``non_patch_share``: per target token, the share of its Q-Former relevance that landed on a CLS token
+        (no pixel box: not in Text-to-Patch)."""
+        return {} if share is None else {"non_patch_share": [float(v) for v in share]}
 
     @staticmethod
     def query_to_patch_rule(layout, through_vision: bool) -> str:
@@ -208,7 +215,8 @@ class RGAE(Explainer):
             stack.enter_context(torch.enable_grad())
             for rec in (llm, proj, vis):
                 stack.enter_context(rec)
-            stack.enter_context(io)
+            if needs_io:  # a Q-Former is called with keyword arguments only: nothing to hook there
+                stack.enter_context(io)
             logits, offset = self.forward(inputs)
             for rec in (llm, proj, vis):
                 rec.check_complete()
@@ -231,7 +239,7 @@ class RGAE(Explainer):
             if layout.rule in STRUCTURAL_RULES:
                 static_q2p = layout.query_to_patch.to(dtype=dtype, device=device)
 
-            t2q_rows, q2p_maps = [], []
+            t2q_rows, q2p_maps, non_patch = [], [], []
             inputs_for_grad = [*all_attn.attentions, *extra]
             steps = gradients_per_target(target_logits, inputs_for_grad, grad_batch)
             for t, grads in tqdm(steps, total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False):
@@ -250,7 +258,10 @@ class RGAE(Explainer):
                     n_tok = vis.attentions[0].shape[-1]
                     r_vit = propagate(vis_cams) if vis_cams else torch.eye(n_tok, dtype=dtype, device=device)
                 if kind == "qformer":
-                    q2p = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
+                    r_qk = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
+                    q2p = r_qk[:, ad.feature_prefix :]
+                    if ad.feature_prefix:
+                        non_patch.append(self._non_patch_share(t2q, r_qk))
                 elif static_q2p is not None:
                     q2p = static_q2p
                     if r_vit is not None:
@@ -278,6 +289,7 @@ class RGAE(Explainer):
             "query_to_patch_per_token": None if q2p_stack is None else q2p_stack.detach(),
             "text_to_patch": t2p.detach(),
             "token_probs": probs,
+            "non_patch_share": torch.stack(non_patch).detach().cpu() if non_patch else None,
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
@@ -299,6 +311,12 @@ class RGAE(Explainer):
         return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
 
     def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
+        """``[M, N_features]`` R_qk of the Q-Former for one target, over all its keys (a kept CLS included).
+
+        The self-attention may run over more tokens than the M queries: InstructBLIP appends the instruction's
+        tokens, which attend and are attended to but never cross-attend to the image. The stream is then the
+        queries followed by those tokens; their rows of each cross-attention map are zero (what attention they
+        do not pay contributes nothing), and only the queries' rows reach the LLM."""
         ad = self.adapter
         layers = []
         for (kind, _), cam, attn in zip(ad.projector_attention, cams, attentions):
@@ -307,9 +325,23 @@ class RGAE(Explainer):
                 cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
             layers.append((kind, cam))
         n_keys = attentions[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        n_stream = max([cam.shape[-1] for kind, cam in layers if kind == "self"], default=ad.n_queries)
+        if n_stream < ad.n_queries:
+            raise ValueError(f"the Q-Former's self-attention covers {n_stream} tokens, fewer than its "
+                             f"{ad.n_queries} queries")
+        for i, (kind, cam) in enumerate(layers):
+            if kind == "cross" and cam.shape[-2] < n_stream:
+                layers[i] = (kind, torch.cat([cam, cam.new_zeros(n_stream - cam.shape[-2], cam.shape[-1])]))
         r_kk = None
         if r_vit is not None:
             rows = self._vit_rows()
             r_kk = r_vit[rows, rows]
-        _, r_qk = propagate_cross_stack(layers, ad.n_queries, n_keys, R_kk=r_kk)
-        return r_qk[:, ad.feature_prefix :]
+        _, r_qk = propagate_cross_stack(layers, n_stream, n_keys, R_kk=r_kk)
+        return r_qk[: ad.n_queries]
+
+    def _non_patch_share(self, t2q: torch.Tensor, r_qk: torch.Tensor) -> torch.Tensor:
+        """The share of ``T2Q · R_qk`` on the projector's non-patch inputs (a CLS the Q-Former reads), which have
+        no pixel box and are left out of Text-to-Patch (0 when the token has no image relevance at all)."""
+        full = t2q.to(r_qk.dtype) @ r_qk
+        total = full.sum()
+        return full[: self.adapter.feature_prefix].sum() / total if total > 0 else total.new_zeros(())
