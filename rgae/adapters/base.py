@@ -76,6 +76,8 @@ class ModelAdapter:
         vision_feature_layer: the hidden-state index whose features feed the projector.
         image_token_id: the placeholder id of image tokens in ``input_ids``.
         projector_type: the spec string (``mlp2x_gelu``, ``avgpool2_144``, ...), for the record.
+        projector_input: the keyword argument carrying the patch features into a projector that is called with
+            keywords only (BLIP-2's Q-Former: ``"encoder_hidden_states"``); None: its first positional argument.
         prompt_template: the default prompt around an instruction (``"Question: {instruction} Answer:"``) for a
             processor without a chat template that inserts the image tokens itself (BLIP-2); None: LLaVA's.
     """
@@ -95,6 +97,7 @@ class ModelAdapter:
     feature_prefix: int = 0
     projector_attention: list[tuple[str, nn.Module]] = field(default_factory=list)
     projector_type: str | None = None
+    projector_input: str | None = None
     prompt_template: str | None = None
 
     def __post_init__(self):

@@ -86,6 +86,7 @@ def blip_adapter(model: nn.Module, projector_type: str, prompt_template: str | N
         vision_prefix=1,
         feature_prefix=1,
         projector_type=f"{projector_type}{n_layers}_{m}",
+        projector_input="encoder_hidden_states",
         prompt_template=prompt_template,
     )
 

@@ -26,7 +26,7 @@ class GradCAM(Explainer):
     def _attribute(self, inputs: PreparedInputs, **unknown):
         if unknown:
             raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens)")
-        io = ProjectorIO(self.adapter.projector)
+        io = ProjectorIO(self.adapter.projector, self.adapter.projector_input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
             stack.enter_context(torch.enable_grad())

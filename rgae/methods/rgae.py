@@ -50,20 +50,24 @@ from rgae.rules import identity_map, normalize_residual, pooling_map, propagate,
 
 
 class ProjectorIO:
-    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens)."""
+    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens).
 
-    def __init__(self, projector):
+    The input is the projector's first positional argument, or its keyword argument ``input_key`` for projectors
+    called with keywords only (BLIP-2's Q-Former reads the patches as ``encoder_hidden_states``)."""
+
+    def __init__(self, projector, input_key: str | None = None):
         self.projector = projector
+        self.input_key = input_key
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self._handle = None
 
-    def _hook(self, module, args, out):
-        self.input = args[0]
+    def _hook(self, module, args, kwargs, out):
+        self.input = kwargs[self.input_key] if self.input_key else args[0]
         self.output = out if isinstance(out, torch.Tensor) else out[0]
 
     def __enter__(self):
-        self._handle = self.projector.register_forward_hook(self._hook)
+        self._handle = self.projector.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
@@ -207,7 +211,7 @@ class RGAE(Explainer):
         if through_vision and not vis_modules:
             raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
         needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
-        io = ProjectorIO(ad.projector)
+        io = ProjectorIO(ad.projector, ad.projector_input)
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
@@ -215,8 +219,7 @@ class RGAE(Explainer):
             stack.enter_context(torch.enable_grad())
             for rec in (llm, proj, vis):
                 stack.enter_context(rec)
-            if needs_io:  # a Q-Former is called with keyword arguments only: nothing to hook there
-                stack.enter_context(io)
+            stack.enter_context(io)
             logits, offset = self.forward(inputs)
             for rec in (llm, proj, vis):
                 rec.check_complete()

@@ -18,7 +18,7 @@ from family_checks import assert_close_relative, changed_rows, full_matrix_text_
 from tiny_blip2 import tiny_blip2, tiny_image, tiny_instructblip
 
 from rgae.adapters import families, get_adapter
-from rgae.methods import RGAE, AttentionRollout, RawAttention
+from rgae.methods import RGAE, AttentionRollout, GradCAM, Occlusion, RawAttention
 
 BUILDERS = {"blip2": tiny_blip2, "instructblip": tiny_instructblip}
 TARGET = "red circle on the left"
@@ -389,3 +389,11 @@ def test_planted_region_lights_up(name, cell):
     assert float(inside / heat.sum()) > 1 - 1e-9
     y, x = divmod(int(heat.argmax()), heat.shape[1])  # the pointing point
     assert 8 * r <= y < 8 * r + 8 and 8 * c <= x < 8 * c + 8
+    # Grad-CAM (on the Q-Former's input features) and occlusion see the same evidence: nothing off the region.
+    for method, kw in ((GradCAM, {}), (Occlusion, {"backend": "torch"})):
+        other = method(model, processor).attribute(image, target=TARGET, **kw).text_to_patch
+        assert other.shape == e.text_to_patch.shape
+        off = torch.ones(16, dtype=torch.bool)
+        off[4 * r + c] = False
+        assert float(other[:, off].abs().max()) <= 1e-12 * max(float(other.abs().max()), 1e-300)
+        assert float(other[:, ~off].abs().max()) > 0
