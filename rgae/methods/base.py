@@ -118,12 +118,17 @@ class PreparedInputs:
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
-        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text."""
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text;
+        per-token outputs with more axes (Mllama's ``cross_attention_mask [1, S, images, tiles]``: what each token
+        sees) repeat the prompt's last row, as ``generate`` extends them."""
         total = self.input_ids.shape[1]
         extra = {}
         for key, value in self.extra.items():
-            if value.ndim == 2 and value.shape == (1, self.prompt_len) and total > self.prompt_len:
-                pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+            if value.ndim >= 2 and value.shape[:2] == (1, self.prompt_len) and total > self.prompt_len:
+                if value.ndim == 2:
+                    pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+                else:
+                    pad = value[:, -1:].expand(1, total - self.prompt_len, *value.shape[2:])
                 value = torch.cat([value, pad], dim=1)
             extra[key] = value
         return {

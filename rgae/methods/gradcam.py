@@ -33,6 +33,12 @@ class GradCAM(Explainer):
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
+            if feats.ndim != 3 or not inputs.layout.is_single_grid:
+                raise ValueError(
+                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: it maps one patch grid from "
+                    f"projector input [1, tokens, channels], but this model's is {tuple(feats.shape)} over "
+                    f"{len(inputs.layout.views)} view(s) (tiles)"
+                )
             target_logits = self.target_logits(logits, inputs, offset)
             maps = []
             for t in range(target_logits.numel()):

@@ -210,6 +210,12 @@ class RGAE(Explainer):
         vis = AttentionRecorder(vis_modules, [f"vision layer {i}" for i in range(len(vis_modules))])
         if through_vision and not vis_modules:
             raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
+        if through_vision and (not inputs.layout.is_single_grid or ad.sees_image_through_cross_attention):
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image is seen as "
+                f"{len(inputs.layout.views)} view(s) (tiles), and propagating the vision tower is implemented for "
+                "models that see one patch grid as image tokens; use through_vision=False"
+            )
         needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
         io = ProjectorIO(ad.projector, ad.projector_input)
 
@@ -249,7 +255,9 @@ class RGAE(Explainer):
                 cams = all_attn.cams(grads[: len(all_attn.attentions)])
                 llm_cams = [c for c in cams[:n_llm] if c is not None]
                 row = int(inputs.predicting_positions[t])
-                if llm_cams:
+                if ad.sees_image_through_cross_attention:
+                    t2q = self._cross_llm_t2q(cams[:n_llm], llm.attentions, row)[image_pos]
+                elif llm_cams:
                     t2q = propagate_rows(llm_cams, row)[image_pos]
                 else:
                     t2q = torch.zeros(image_pos.numel(), dtype=dtype, device=device)
@@ -312,6 +320,23 @@ class RGAE(Explainer):
         ad = self.adapter
         r_bar = normalize_residual(r_vit)
         return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
+
+    def _cross_llm_t2q(self, cams, attentions, row: int) -> torch.Tensor:
+        """Text-to-Query of an LLM that reads the image only through cross-attention layers (Mllama): the bi-modal
+        GAE rules over its layers in forward order, the text as one stream and the cross-attention keys (the
+        image's tokens) as the other, ``R_kk = I`` (:func:`rgae.rules.propagate_cross_stack`): self-attention
+        ``R_tt += cam·R_tt``, ``R_tk += cam·R_tk``; cross-attention ``R_tk += R̄_ttᵀ·cam·R̄_kk``. Row ``row`` of
+        ``R_tk`` over all keys. The transpose needs the whole ``R̄_tt``, so this costs ``O(L·S³)`` (no row trick)."""
+        layers = []
+        for kind, cam, attn in zip(self.adapter.llm_attention_kinds, cams, attentions):
+            if cam is None:
+                dt = torch.float32 if attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
+                cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
+            layers.append((kind, cam))
+        n_text = attentions[0].shape[-2]
+        n_keys = next(a.shape[-1] for k, a in zip(self.adapter.llm_attention_kinds, attentions) if k == "cross")
+        _, r_tk = propagate_cross_stack(layers, n_text, n_keys)
+        return r_tk[row]
 
     def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
         """``[M, N_features]`` R_qk of the Q-Former for one target, over all its keys (a kept CLS included).
