@@ -206,7 +206,7 @@ def test_end_to_end_image_map_figures_and_generated_target(mllama, tmp_path):
     assert e.patch_grid is None and len(e.layout.views) == 4
     assert tuple(e.image_map().shape) == (24, 40) and tuple(e.image_map(word="circle").shape) == (24, 40)
     assert float(e.image_map().sum()) > 0
-    paths = save_figures(e, tmp_path, dpi=30, words=False)
+    paths = save_figures(e, tmp_path, dpi=50, words=False)
     assert paths and all(p.stat().st_size > 0 for p in paths)
     # target=None: the greedy answer, which teacher forcing reproduces token for token.
     inputs = ex.prepare(tiny_image(24, 40), None, None, max_new_tokens=3)
