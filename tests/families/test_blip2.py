@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from family_checks import assert_close_relative, changed_rows, full_matrix_text_to_query
+from gae_oracle import cam, normalize, recorded_forward
 from tiny_blip2 import tiny_blip2, tiny_image, tiny_instructblip
 
 from rgae.adapters import families, get_adapter
@@ -31,27 +32,8 @@ def family(request):
 
 
 # ---- independent references ---------------------------------------------------------------------------------------
-def _normalize(R: torch.Tensor) -> torch.Tensor:
-    """GAE eqs. 8-9 written out: (R - I) / rowsum(R - I) + I, zero row sums left as they are."""
-    eye = torch.eye(R.shape[0], dtype=R.dtype)
-    residual = R - eye
-    sums = residual.sum(-1, keepdim=True)
-    return residual / torch.where(sums == 0, torch.ones_like(sums), sums) + eye
-
-
-def _record(modules):
-    """Forward hooks keeping out[1] of each module, in call order (a plain list)."""
-    seen, handles = [], []
-    for m in modules:
-        handles.append(m.register_forward_hook(lambda mod, args, out: seen.append(out[1])))
-    return seen, handles
-
-
-def qformer_oracle(model, inputs, through_vision: bool = False) -> list[torch.Tensor]:
-    """Per target token, ``[M, 1 + N]`` R_qk of the Q-Former by GAE, written out: the stream is whatever the
-    Q-Former's self-attention covers (InstructBLIP: queries + instruction tokens); a cross-attention layer's map
-    covers the queries (its first rows); ``R_ss += cam·R_ss``, ``R_sk += cam·R_sk`` for self-attention,
-    ``R_sk += R̄_ssᵀ·cam·R̄_kk`` for cross-attention (R_kk = I, or the ViT's ``(I + cam_L)…(I + cam_1)``)."""
+def qformer_layers(model) -> tuple[list[str], list[torch.nn.Module]]:
+    """The Q-Former's attention modules in forward order and their kinds, read off the model here."""
     kinds, modules = [], []
     for layer in model.qformer.encoder.layer:
         kinds.append("self")
@@ -59,27 +41,27 @@ def qformer_oracle(model, inputs, through_vision: bool = False) -> list[torch.Te
         if layer.has_cross_attention:
             kinds.append("cross")
             modules.append(layer.crossattention.attention)
+    return kinds, modules
+
+
+def qformer_oracle(model, inputs, through_vision: bool = False, queries_only: bool = False) -> list[torch.Tensor]:
+    """Per target token, ``[M, 1 + N]`` R_qk of the Q-Former by GAE, written out: the stream is whatever the
+    Q-Former's self-attention covers (InstructBLIP: queries + instruction tokens); a cross-attention layer's map
+    covers the queries (its first rows); ``R_ss += cam·R_ss``, ``R_sk += cam·R_sk`` for self-attention,
+    ``R_sk += R̄_ssᵀ·cam·R̄_kk`` for cross-attention (R_kk = I, or the ViT's ``(I + cam_L)…(I + cam_1)``).
+
+    ``queries_only=True`` is the wrong rule, for contrast: every self-attention map cut to the query block."""
+    kinds, modules = qformer_layers(model)
     vision = [layer.self_attn for layer in model.vision_model.encoder.layers]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    q_attn, q_handles = _record(modules)
-    v_attn, v_handles = _record(vision)
-    try:
-        with torch.enable_grad():
-            logits = model(**inputs.model_kwargs(), use_cache=False).logits
-    finally:
-        for h in q_handles + v_handles:
-            h.remove()
+    logits, seen = recorded_forward(model, inputs, modules + vision)
     m = model.config.num_query_tokens
     out = []
     for pos, tok in zip(inputs.predicting_positions.tolist(), inputs.target_ids.tolist()):
-        grads = torch.autograd.grad(logits[0, pos, tok], q_attn + v_attn, retain_graph=True, allow_unused=True)
-        cams = []
-        for a, g in zip(q_attn + v_attn, grads):
-            a = a[0].detach().double()
-            cams.append(torch.zeros(a.shape[-2:], dtype=torch.float64) if g is None
-                        else (g[0].double() * a).clamp(min=0).mean(0))
-        q_cams, v_cams = cams[: len(q_attn)], cams[len(q_attn):]
+        grads = torch.autograd.grad(logits[0, pos, tok], seen, retain_graph=True, allow_unused=True)
+        cams = [cam(a, g) for a, g in zip(seen, grads)]
+        q_cams, v_cams = cams[: len(modules)], cams[len(modules) :]
+        if queries_only:
+            q_cams = [c[:m, :m] if k == "self" else c for k, c in zip(kinds, q_cams)]
         n_s = max(c.shape[0] for k, c in zip(kinds, q_cams) if k == "self")
         n_k = next(c.shape[1] for k, c in zip(kinds, q_cams) if k == "cross")
         R_kk = torch.eye(n_k, dtype=torch.float64)
@@ -87,13 +69,13 @@ def qformer_oracle(model, inputs, through_vision: bool = False) -> list[torch.Te
             for c in v_cams:
                 R_kk = R_kk + c @ R_kk
         R_ss, R_sk = torch.eye(n_s, dtype=torch.float64), torch.zeros(n_s, n_k, dtype=torch.float64)
-        for kind, cam in zip(kinds, q_cams):
+        for kind, c in zip(kinds, q_cams):
             if kind == "self":
-                R_ss, R_sk = R_ss + cam @ R_ss, R_sk + cam @ R_sk
+                R_ss, R_sk = R_ss + c @ R_ss, R_sk + c @ R_sk
             else:
                 full = torch.zeros(n_s, n_k, dtype=torch.float64)
-                full[: cam.shape[0]] = cam
-                R_sk = R_sk + _normalize(R_ss).T @ full @ _normalize(R_kk)
+                full[: c.shape[0]] = c
+                R_sk = R_sk + normalize(R_ss).T @ full @ normalize(R_kk)
         out.append(R_sk[:m])
     return out
 
@@ -169,56 +151,16 @@ def test_instruction_tokens_are_part_of_the_qformer_stream():
     inputs = ex.prepare(tiny_image(), TARGET, None)
     n_instr = inputs.extra["qformer_input_ids"].shape[1]
     m = model.config.num_query_tokens
-    ad = ex.adapter
-    selves = [mod for k, mod in ad.projector_attention if k == "self"]
-    seen, handles = _record(selves)
-    try:
-        with torch.no_grad():
-            model(**inputs.model_kwargs(), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    assert {tuple(a.shape[-2:]) for a in seen} == {(m + n_instr, m + n_instr)}
-    # The queries-only variant: restrict every self-attention map to the query block.
+    kinds, modules = qformer_layers(model)
+    _, seen = recorded_forward(model, inputs, modules, grad=False)
+    assert {tuple(a.shape[-2:]) for k, a in zip(kinds, seen) if k == "self"} == {(m + n_instr, m + n_instr)}
+    assert {tuple(a.shape[-2:]) for k, a in zip(kinds, seen) if k == "cross"} == {(m, 17)}
     result = ex.compute(inputs)["query_to_patch_per_token"]
     oracle = qformer_oracle(model, inputs)
-    cut = _queries_only_oracle(model, inputs, m)
+    cut = qformer_oracle(model, inputs, queries_only=True)
     for t in range(len(oracle)):
         assert_close_relative(result[t], oracle[t][:, 1:], 1e-6)
         assert float((cut[t] - oracle[t]).abs().max()) > 1e-3 * float(oracle[t].abs().max())
-
-
-def _queries_only_oracle(model, inputs, m):
-    """The wrong rule, for contrast: GAE over the queries alone (instruction rows/columns dropped)."""
-    kinds, modules = [], []
-    for layer in model.qformer.encoder.layer:
-        kinds.append("self")
-        modules.append(layer.attention.attention)
-        if layer.has_cross_attention:
-            kinds.append("cross")
-            modules.append(layer.crossattention.attention)
-    seen, handles = _record(modules)
-    try:
-        with torch.enable_grad():
-            logits = model(**inputs.model_kwargs(), use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for pos, tok in zip(inputs.predicting_positions.tolist(), inputs.target_ids.tolist()):
-        grads = torch.autograd.grad(logits[0, pos, tok], seen, retain_graph=True)
-        R_qq, R_qk = torch.eye(m, dtype=torch.float64), None
-        for kind, a, g in zip(kinds, seen, grads):
-            cam = (g[0].double() * a[0].detach().double()).clamp(min=0).mean(0)
-            if R_qk is None:
-                R_qk = torch.zeros(m, seen[1].shape[-1], dtype=torch.float64)
-            if kind == "self":
-                cam = cam[:m, :m]
-                R_qq, R_qk = R_qq + cam @ R_qq, R_qk + cam @ R_qk
-            else:
-                R_qk = R_qk + _normalize(R_qq).T @ cam
-        out.append(R_qk)
-    return out
 
 
 def test_cross_attention_every_other_layer_matches_oracle():
@@ -271,13 +213,7 @@ def test_baselines_read_the_last_cross_attention(family, method):
     ex = method(model, processor)
     inputs = ex.prepare(tiny_image(), TARGET, None)
     last_cross = [mod for k, mod in ex.adapter.projector_attention if k == "cross"][-1]
-    seen, handles = _record([last_cross])
-    try:
-        with torch.no_grad():
-            model(**inputs.model_kwargs(), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _, seen = recorded_forward(model, inputs, [last_cross], grad=False)
     e = ex._attribute(inputs)
     expected = seen[0][0].mean(0)[:, 1:]  # head mean, CLS column dropped
     assert torch.allclose(e.query_to_patch, expected, rtol=0, atol=1e-12)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from family_checks import assert_close_relative, changed_rows
+from gae_oracle import cam, normalize, recorded_forward
 from tiny_mllama import tiny_image, tiny_mllama
 
 from rgae.adapters import families, get_adapter
@@ -25,14 +26,6 @@ def mllama():
     return tiny_mllama()
 
 
-def _normalize(R: torch.Tensor) -> torch.Tensor:
-    """GAE eqs. 8-9 written out: (R - I) / rowsum(R - I) + I, zero row sums left as they are."""
-    eye = torch.eye(R.shape[0], dtype=R.dtype)
-    residual = R - eye
-    sums = residual.sum(-1, keepdim=True)
-    return residual / torch.where(sums == 0, torch.ones_like(sums), sums) + eye
-
-
 def bimodal_oracle(model, inputs) -> torch.Tensor:
     """``[T, K]`` Text-to-Query over the cross-attention keys by the bi-modal GAE rules, as slowly as it reads: every
     decoder layer's attention recorded by hooks (self-attention ``[S, S]`` or cross-attention ``[S, K]``), per target
@@ -41,16 +34,7 @@ def bimodal_oracle(model, inputs) -> torch.Tensor:
     layers = model.model.language_model.layers
     kinds = ["cross" if hasattr(layer, "cross_attn") else "self" for layer in layers]
     modules = [getattr(layer, "cross_attn", None) or layer.self_attn for layer in layers]
-    seen = []
-    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out[1])) for m in modules]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            logits = model(**inputs.model_kwargs(), use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    logits, seen = recorded_forward(model, inputs, modules)
     n_text = inputs.input_ids.shape[1]
     n_keys = next(a.shape[-1] for k, a in zip(kinds, seen) if k == "cross")
     rows = []
@@ -58,13 +42,11 @@ def bimodal_oracle(model, inputs) -> torch.Tensor:
         grads = torch.autograd.grad(logits[0, pos, tok], seen, retain_graph=True, allow_unused=True)
         R_tt, R_tk = torch.eye(n_text, dtype=torch.float64), torch.zeros(n_text, n_keys, dtype=torch.float64)
         for kind, a, g in zip(kinds, seen, grads):
-            if g is None:
-                continue
-            cam = (g[0].double() * a[0].detach().double()).clamp(min=0).mean(0)
+            c = cam(a, g)
             if kind == "self":
-                R_tt, R_tk = R_tt + cam @ R_tt, R_tk + cam @ R_tk
+                R_tt, R_tk = R_tt + c @ R_tt, R_tk + c @ R_tk
             else:
-                R_tk = R_tk + _normalize(R_tt).T @ cam
+                R_tk = R_tk + normalize(R_tt).T @ c
         rows.append(R_tk[pos])
     return torch.stack(rows)
 
@@ -220,14 +202,7 @@ def test_raw_attention_reads_the_last_cross_attention_layer(mllama):
     model, processor = mllama
     ex = RawAttention(model, processor)
     inputs = ex.prepare(tiny_image(24, 40), TARGET, None)
-    seen = []
-    cross = model.model.language_model.layers[1].cross_attn
-    handle = cross.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
-    try:
-        with torch.no_grad():
-            model(**inputs.model_kwargs(), use_cache=False)
-    finally:
-        handle.remove()
+    _, seen = recorded_forward(model, inputs, [model.model.language_model.layers[1].cross_attn], grad=False)
     e = ex._attribute(inputs)
     expected = seen[0][0].mean(0)[inputs.predicting_positions]
     assert torch.allclose(e.text_to_query, expected, rtol=0, atol=1e-12)
