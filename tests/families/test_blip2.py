@@ -18,6 +18,7 @@ from family_checks import assert_close_relative, changed_rows, full_matrix_text_
 from gae_oracle import cam, normalize, recorded_forward
 from tiny_blip2 import tiny_blip2, tiny_image, tiny_instructblip
 
+from rgae import Explanation
 from rgae.adapters import families, get_adapter
 from rgae.methods import RGAE, AttentionRollout, GradCAM, Occlusion, RawAttention
 
@@ -123,6 +124,9 @@ def test_text_to_query_equals_full_matrix_oracle(family):
     inputs = ex.prepare(tiny_image(), TARGET, None)
     fast = ex.compute(inputs)["text_to_query"]
     assert_close_relative(fast, full_matrix_text_to_query(model, inputs), 1e-6)
+    # Several target tokens per backward pass (vmap over the Q-Former's backward too): the same maps.
+    batched = ex.compute(inputs, grad_batch=3)
+    assert_close_relative(batched["text_to_query"], fast, 1e-12)
 
 
 @pytest.mark.parametrize("through_vision", [False, True])
@@ -192,6 +196,8 @@ def test_end_to_end_teacher_forced_image_map_and_figures(family, tmp_path):
     assert float(e.image_map().sum()) > 0
     paths = save_figures(e, tmp_path / name, dpi=30, words=False)
     assert paths and all(p.stat().st_size > 0 for p in paths)
+    again = Explanation.load(e.save(tmp_path / f"{name}-explanation"))
+    assert torch.equal(again.image_map(), e.image_map()) and again.options == e.options
 
 
 def test_end_to_end_generated_target(family):

@@ -15,6 +15,7 @@ from family_checks import assert_close_relative, changed_rows
 from gae_oracle import cam, normalize, recorded_forward
 from tiny_mllama import tiny_image, tiny_mllama
 
+from rgae import Explanation
 from rgae.adapters import families, get_adapter
 from rgae.methods import RGAE, AttentionRollout, GradCAM, Occlusion, RawAttention
 
@@ -176,6 +177,7 @@ def test_text_to_query_equals_bimodal_oracle(hw, n_layers, cross_layers):
     oracle = bimodal_oracle(model, inputs)
     assert_close_relative(result["text_to_query"], oracle, 1e-6)
     assert_close_relative(result["text_to_patch"], oracle @ inputs.layout.query_to_patch, 1e-6)
+    assert_close_relative(ex.compute(inputs, grad_batch=3)["text_to_query"], result["text_to_query"], 1e-12)
 
 
 def test_end_to_end_image_map_figures_and_generated_target(mllama, tmp_path):
@@ -190,6 +192,8 @@ def test_end_to_end_image_map_figures_and_generated_target(mllama, tmp_path):
     assert float(e.image_map().sum()) > 0
     paths = save_figures(e, tmp_path, dpi=50, words=False)
     assert paths and all(p.stat().st_size > 0 for p in paths)
+    again = Explanation.load(e.save(tmp_path / "explanation"))
+    assert torch.equal(again.image_map(), e.image_map()) and again.layout.views == e.layout.views
     # target=None: the greedy answer, which teacher forcing reproduces token for token.
     inputs = ex.prepare(tiny_image(24, 40), None, None, max_new_tokens=3)
     with torch.no_grad():
