@@ -180,6 +180,7 @@ def test_text_to_query_equals_bimodal_oracle(hw, n_layers, cross_layers):
     assert_close_relative(ex.compute(inputs, grad_batch=3)["text_to_query"], result["text_to_query"], 1e-12)
 
 
+@pytest.mark.slow
 def test_end_to_end_image_map_figures_and_generated_target(mllama, tmp_path):
     from rgae.viz import save_figures
 
