@@ -59,7 +59,9 @@ def full_matrix_text_to_query(model, inputs) -> torch.Tensor:
             p.requires_grad_(True)
     with _attention_to_eager(model), torch.enable_grad():
         out = model(**inputs.model_kwargs(), output_attentions=True, use_cache=False)
-        attentions = [a for a in out.attentions if a is not None]
+        # BLIP-2 / InstructBLIP keep the language model's own outputs nested.
+        nested = getattr(out, "language_model_outputs", None)
+        attentions = [a for a in (nested if nested is not None else out).attentions if a is not None]
         if not attentions:
             raise AssertionError("the model returned no LLM attention probabilities in eager mode")
         n = inputs.input_ids.shape[1]

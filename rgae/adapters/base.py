@@ -76,6 +76,13 @@ class ModelAdapter:
         vision_feature_layer: the hidden-state index whose features feed the projector.
         image_token_id: the placeholder id of image tokens in ``input_ids``.
         projector_type: the spec string (``mlp2x_gelu``, ``avgpool2_144``, ...), for the record.
+        llm_attention_kinds: ``"self"`` or ``"cross"`` for each of ``llm_attention``; None: all self-attention. An
+            LLM with cross-attention layers (Mllama) reads the image through them as their keys, not as tokens of
+            its sequence; the layout's ``positions`` then index those keys.
+        projector_input: the keyword argument carrying the patch features into a projector that is called with
+            keywords only (BLIP-2's Q-Former: ``"encoder_hidden_states"``); None: its first positional argument.
+        prompt_template: the default prompt around an instruction (``"Question: {instruction} Answer:"``) for a
+            processor without a chat template that inserts the image tokens itself (BLIP-2); None: LLaVA's.
     """
 
     model: nn.Module
@@ -93,6 +100,9 @@ class ModelAdapter:
     feature_prefix: int = 0
     projector_attention: list[tuple[str, nn.Module]] = field(default_factory=list)
     projector_type: str | None = None
+    llm_attention_kinds: tuple[str, ...] | None = None
+    projector_input: str | None = None
+    prompt_template: str | None = None
 
     def __post_init__(self):
         if self.projector_kind not in PROJECTOR_KINDS:
@@ -104,6 +114,19 @@ class ModelAdapter:
             self.query_grid = _as_hw(self.query_grid)
         elif not self.is_identity:
             raise ValueError(f"a {self.projector_kind!r} projector needs a query_grid")
+        if self.llm_attention_kinds is not None:
+            self.llm_attention_kinds = tuple(self.llm_attention_kinds)
+            if len(self.llm_attention_kinds) != len(self.llm_attention) or not set(self.llm_attention_kinds) <= {
+                    "self", "cross"}:
+                raise ValueError(
+                    f"llm_attention_kinds must give 'self' or 'cross' for each of the {len(self.llm_attention)} LLM "
+                    f"attention modules, got {self.llm_attention_kinds!r}"
+                )
+
+    @property
+    def sees_image_through_cross_attention(self) -> bool:
+        """The LLM reads the image as cross-attention keys (Mllama), not as image tokens in its sequence."""
+        return self.llm_attention_kinds is not None and "cross" in self.llm_attention_kinds
 
     # ---- geometry --------------------------------------------------------------------------------------------
     @property

@@ -27,10 +27,11 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def build_prompt(processor, prompt: str | None) -> str:
-    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template (or a
-    plain ``USER: <image>\\n... ASSISTANT:`` template when the processor has none) around the instruction."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
+    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
+    the instruction; a processor without one gets ``template.format(instruction=...)`` (the adapter's
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:``."""
+    image_token = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2 keeps an AddedToken
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
@@ -42,6 +43,8 @@ def build_prompt(processor, prompt: str | None) -> str:
     if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if template is not None:
+        return template.format(instruction=instruction)
     return f"USER: {image_token}\n{instruction} ASSISTANT:"
 
 
@@ -76,12 +79,17 @@ class PreparedInputs:
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
-        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text."""
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text;
+        per-token outputs with more axes (Mllama's ``cross_attention_mask [1, S, images, tiles]``: what each token
+        sees) repeat the prompt's last row, as ``generate`` extends them."""
         total = self.input_ids.shape[1]
         extra = {}
         for key, value in self.extra.items():
-            if value.ndim == 2 and value.shape == (1, self.prompt_len) and total > self.prompt_len:
-                pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+            if value.ndim >= 2 and value.shape[:2] == (1, self.prompt_len) and total > self.prompt_len:
+                if value.ndim == 2:
+                    pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+                else:
+                    pad = value[:, -1:].expand(1, total - self.prompt_len, *value.shape[2:])
                 value = torch.cat([value, pad], dim=1)
             extra[key] = value
         return {
@@ -118,7 +126,7 @@ class Explainer:
     def encode_prompt(self, image, prompt: str | None):
         """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
-        text = build_prompt(self.processor, prompt)
+        text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:

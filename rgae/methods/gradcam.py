@@ -26,13 +26,19 @@ class GradCAM(Explainer):
     def _attribute(self, inputs: PreparedInputs, **unknown):
         if unknown:
             raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens)")
-        io = ProjectorIO(self.adapter.projector)
+        io = ProjectorIO(self.adapter.projector, self.adapter.projector_input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
+            if feats.ndim != 3 or not inputs.layout.is_single_grid:
+                raise ValueError(
+                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: it maps one patch grid from "
+                    f"projector input [1, tokens, channels], but this model's is {tuple(feats.shape)} over "
+                    f"{len(inputs.layout.views)} view(s) (tiles)"
+                )
             target_logits = self.target_logits(logits, inputs, offset)
             maps = []
             for t in range(target_logits.numel()):

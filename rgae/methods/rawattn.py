@@ -1,5 +1,6 @@
 """Raw attention baseline (DeCo Appendix B): Text-to-Query from the head-averaged attention of one LLM layer
-(default: the last), Query-to-Patch from the last Q-Former cross-attention.
+(default: the last; for an LLM that reads the image through cross-attention layers, Mllama, one of those), Query-to-
+Patch from the last Q-Former cross-attention.
 
 For projectors without attention, Query-to-Patch is geometric: the identity (linear / MLP) or the adaptive-pooling
 operator of the query grid over the patch grid (avgpool; also maxpool and the abstractors, whose queries pool the
@@ -83,6 +84,10 @@ class RawAttention(AttentionForward):
             raise TypeError(f"unknown RawAttention options: {sorted(unknown)} (known: layer, heads, max_new_tokens)")
         logits, llm_attn, proj_attn = self.record(inputs)
         maps = [select_heads(a, heads) for a in llm_attn]
+        kinds = self.adapter.llm_attention_kinds
+        if self.adapter.sees_image_through_cross_attention:
+            # The LLM attends to the image only in its cross-attention layers (Mllama): ``layer`` counts those.
+            maps = [a for k, a in zip(kinds, maps) if k == "cross"]
         attn = select_layers(maps, layer)
         rows = inputs.predicting_positions.to(attn.device)
         t2q = attn[rows][:, inputs.image_positions]

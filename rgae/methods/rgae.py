@@ -50,20 +50,24 @@ from rgae.rules import identity_map, normalize_residual, pooling_map, propagate,
 
 
 class ProjectorIO:
-    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens)."""
+    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens).
 
-    def __init__(self, projector):
+    The input is the projector's first positional argument, or its keyword argument ``input_key`` for projectors
+    called with keywords only (BLIP-2's Q-Former reads the patches as ``encoder_hidden_states``)."""
+
+    def __init__(self, projector, input_key: str | None = None):
         self.projector = projector
+        self.input_key = input_key
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self._handle = None
 
-    def _hook(self, module, args, out):
-        self.input = args[0]
+    def _hook(self, module, args, kwargs, out):
+        self.input = kwargs[self.input_key] if self.input_key else args[0]
         self.output = out if isinstance(out, torch.Tensor) else out[0]
 
     def __enter__(self):
-        self._handle = self.projector.register_forward_hook(self._hook)
+        self._handle = self.projector.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
@@ -175,8 +179,15 @@ class RGAE(Explainer):
                 "projector_kind": self.adapter.projector_kind,
                 "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
                 "explained_scalar": "raw logit of the target token at the predicting position",
+                **self._non_patch_option(result["non_patch_share"]),
             },
         )
+
+    @staticmethod
+    def _non_patch_option(share) -> dict:
+        """``non_patch_share``: per target token, the share of its Q-Former relevance that landed on a CLS token
+        (no pixel box: not in Text-to-Patch)."""
+        return {} if share is None else {"non_patch_share": [float(v) for v in share]}
 
     @staticmethod
     def query_to_patch_rule(layout, through_vision: bool) -> str:
@@ -191,14 +202,6 @@ class RGAE(Explainer):
         ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation."""
         ad = self.adapter
         kind = ad.projector_kind
-        views, rule = len(inputs.layout.views), inputs.layout.rule
-        if through_vision and (views > 1 or rule in ("block", "bilinear")):
-            # _compose_vit composes the ViT's relevance with the adapter's single-grid identity/pooling map only.
-            raise ValueError(
-                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
-                f"{views} view(s) and the {rule!r} Query-to-Patch rule; the ViT relevance is composed only with a "
-                "single view's identity or pooling map so far"
-            )
         llm = AttentionRecorder(ad.llm_attention, [f"LLM layer {i}" for i in range(len(ad.llm_attention))])
         proj_modules = [m for _, m in ad.projector_attention] if kind == "qformer" else []
         proj = AttentionRecorder(proj_modules, [f"projector {k}-attention {i}" for i, (k, _) in
@@ -207,8 +210,16 @@ class RGAE(Explainer):
         vis = AttentionRecorder(vis_modules, [f"vision layer {i}" for i in range(len(vis_modules))])
         if through_vision and not vis_modules:
             raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
+        views, rule = len(inputs.layout.views), inputs.layout.rule
+        if through_vision and (views > 1 or rule in ("block", "bilinear") or ad.sees_image_through_cross_attention):
+            # _compose_vit composes the ViT's relevance with one view's identity/pooling map (or the Q-Former's).
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
+                f"{views} view(s) and the {rule!r} Query-to-Patch rule; propagating the vision tower is implemented "
+                "for models that see one patch grid as image tokens; use through_vision=False"
+            )
         needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
-        io = ProjectorIO(ad.projector)
+        io = ProjectorIO(ad.projector, ad.projector_input)
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
@@ -239,14 +250,16 @@ class RGAE(Explainer):
             if layout.rule in STRUCTURAL_RULES:
                 static_q2p = layout.query_to_patch.to(dtype=dtype, device=device)
 
-            t2q_rows, q2p_maps = [], []
+            t2q_rows, q2p_maps, non_patch = [], [], []
             inputs_for_grad = [*all_attn.attentions, *extra]
             steps = gradients_per_target(target_logits, inputs_for_grad, grad_batch)
             for t, grads in tqdm(steps, total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False):
                 cams = all_attn.cams(grads[: len(all_attn.attentions)])
                 llm_cams = [c for c in cams[:n_llm] if c is not None]
                 row = int(inputs.predicting_positions[t])
-                if llm_cams:
+                if ad.sees_image_through_cross_attention:
+                    t2q = self._cross_llm_t2q(cams[:n_llm], llm.attentions, row)[image_pos]
+                elif llm_cams:
                     t2q = propagate_rows(llm_cams, row)[image_pos]
                 else:
                     t2q = torch.zeros(image_pos.numel(), dtype=dtype, device=device)
@@ -258,7 +271,10 @@ class RGAE(Explainer):
                     n_tok = vis.attentions[0].shape[-1]
                     r_vit = propagate(vis_cams) if vis_cams else torch.eye(n_tok, dtype=dtype, device=device)
                 if kind == "qformer":
-                    q2p = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
+                    r_qk = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
+                    q2p = r_qk[:, ad.feature_prefix :]
+                    if ad.feature_prefix:
+                        non_patch.append(self._non_patch_share(t2q, r_qk))
                 elif static_q2p is not None:
                     q2p = static_q2p
                     if r_vit is not None:
@@ -286,6 +302,7 @@ class RGAE(Explainer):
             "query_to_patch_per_token": None if q2p_stack is None else q2p_stack.detach(),
             "text_to_patch": t2p.detach(),
             "token_probs": probs,
+            "non_patch_share": torch.stack(non_patch).detach().cpu() if non_patch else None,
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
@@ -306,7 +323,30 @@ class RGAE(Explainer):
         r_bar = normalize_residual(r_vit)
         return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
 
+    def _cross_llm_t2q(self, cams, attentions, row: int) -> torch.Tensor:
+        """Text-to-Query of an LLM that reads the image only through cross-attention layers (Mllama): the bi-modal
+        GAE rules over its layers in forward order, the text as one stream and the cross-attention keys (the
+        image's tokens) as the other, ``R_kk = I`` (:func:`rgae.rules.propagate_cross_stack`): self-attention
+        ``R_tt += cam·R_tt``, ``R_tk += cam·R_tk``; cross-attention ``R_tk += R̄_ttᵀ·cam·R̄_kk``. Row ``row`` of
+        ``R_tk`` over all keys. The transpose needs the whole ``R̄_tt``, so this costs ``O(L·S³)`` (no row trick)."""
+        layers = []
+        for kind, cam, attn in zip(self.adapter.llm_attention_kinds, cams, attentions):
+            if cam is None:
+                dt = torch.float32 if attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
+                cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
+            layers.append((kind, cam))
+        n_text = attentions[0].shape[-2]
+        n_keys = next(a.shape[-1] for k, a in zip(self.adapter.llm_attention_kinds, attentions) if k == "cross")
+        _, r_tk = propagate_cross_stack(layers, n_text, n_keys)
+        return r_tk[row]
+
     def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
+        """``[M, N_features]`` R_qk of the Q-Former for one target, over all its keys (a kept CLS included).
+
+        The self-attention may run over more tokens than the M queries: InstructBLIP appends the instruction's
+        tokens, which attend and are attended to but never cross-attend to the image. The stream is then the
+        queries followed by those tokens; their rows of each cross-attention map are zero (what attention they
+        do not pay contributes nothing), and only the queries' rows reach the LLM."""
         ad = self.adapter
         layers = []
         for (kind, _), cam, attn in zip(ad.projector_attention, cams, attentions):
@@ -315,9 +355,23 @@ class RGAE(Explainer):
                 cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
             layers.append((kind, cam))
         n_keys = attentions[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        n_stream = max([cam.shape[-1] for kind, cam in layers if kind == "self"], default=ad.n_queries)
+        if n_stream < ad.n_queries:
+            raise ValueError(f"the Q-Former's self-attention covers {n_stream} tokens, fewer than its "
+                             f"{ad.n_queries} queries")
+        for i, (kind, cam) in enumerate(layers):
+            if kind == "cross" and cam.shape[-2] < n_stream:
+                layers[i] = (kind, torch.cat([cam, cam.new_zeros(n_stream - cam.shape[-2], cam.shape[-1])]))
         r_kk = None
         if r_vit is not None:
             rows = self._vit_rows()
             r_kk = r_vit[rows, rows]
-        _, r_qk = propagate_cross_stack(layers, ad.n_queries, n_keys, R_kk=r_kk)
-        return r_qk[:, ad.feature_prefix :]
+        _, r_qk = propagate_cross_stack(layers, n_stream, n_keys, R_kk=r_kk)
+        return r_qk[: ad.n_queries]
+
+    def _non_patch_share(self, t2q: torch.Tensor, r_qk: torch.Tensor) -> torch.Tensor:
+        """The share of ``T2Q · R_qk`` on the projector's non-patch inputs (a CLS the Q-Former reads), which have
+        no pixel box and are left out of Text-to-Patch (0 when the token has no image relevance at all)."""
+        full = t2q.to(r_qk.dtype) @ r_qk
+        total = full.sum()
+        return full[: self.adapter.feature_prefix].sum() / total if total > 0 else total.new_zeros(())

@@ -32,6 +32,12 @@ class AttentionRollout(AttentionForward):
             raise TypeError(f"unknown AttentionRollout options: {sorted(unknown)} (known: heads, residual)")
         if not 0.0 <= float(residual) <= 1.0:
             raise ValueError(f"residual must be in [0, 1], got {residual}")
+        if self.adapter.sees_image_through_cross_attention:
+            raise ValueError(
+                f"attention rollout is not defined for {type(self.model).__name__}: its LLM reads the image through "
+                "cross-attention layers (no image tokens in its sequence), and rollout multiplies self-attention "
+                "maps only; use RGAE (bi-modal rules) or RawAttention (a cross-attention layer)"
+            )
         logits, llm_attn, proj_attn = self.record(inputs)
         layers = [rollout_layer(select_heads(a, heads), residual) for a in llm_attn]
         n = layers[0].shape[-1]
