@@ -76,6 +76,12 @@ class ModelAdapter:
         vision_feature_layer: the hidden-state index whose features feed the projector.
         image_token_id: the placeholder id of image tokens in ``input_ids``.
         projector_type: the spec string (``mlp2x_gelu``, ``avgpool2_144``, ...), for the record.
+        prompt_template: how the family wraps an instruction when its processor has no chat template, with
+            ``{image}`` and ``{instruction}`` fields (PaliGemma: ``"{image}{instruction}"``, its processor adds the
+            rest); None: LLaVA's plain ``USER: {image}\n{instruction} ASSISTANT:``.
+        target_token_values: the value per-token model inputs (processor outputs shaped like ``input_ids``) take
+            over the target text, by input name; 0 (text) for the others. PaliGemma's ``token_type_ids`` mark the
+            target as the causal suffix: ``{"token_type_ids": 1}``.
     """
 
     model: nn.Module
@@ -93,6 +99,8 @@ class ModelAdapter:
     feature_prefix: int = 0
     projector_attention: list[tuple[str, nn.Module]] = field(default_factory=list)
     projector_type: str | None = None
+    prompt_template: str | None = None
+    target_token_values: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.projector_kind not in PROJECTOR_KINDS:

@@ -66,9 +66,10 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def build_prompt(processor, prompt: str | None) -> str:
-    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template (or a
-    plain ``USER: <image>\\n... ASSISTANT:`` template when the processor has none) around the instruction."""
+def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
+    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
+    the instruction; a processor without one gets ``template`` (``{image}``/``{instruction}`` fields: the adapter's
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:`` template."""
     image_token = getattr(processor, "image_token", None) or "<image>"
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -81,6 +82,8 @@ def build_prompt(processor, prompt: str | None) -> str:
     if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if template is not None:
+        return template.format(image=image_token, instruction=instruction)
     return f"USER: {image_token}\n{instruction} ASSISTANT:"
 
 
@@ -98,6 +101,7 @@ class PreparedInputs:
     image: np.ndarray  # uint8 [H, W, 3]: the original image
     word_ids: list[int] | None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other model inputs (image_sizes, ...)
+    target_values: dict[str, int] = field(default_factory=dict)  # per-token inputs' value over the target (else 0)
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -115,12 +119,14 @@ class PreparedInputs:
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
-        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text."""
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text,
+        or with ``target_values[name]`` (the adapter's ``target_token_values``)."""
         total = self.input_ids.shape[1]
         extra = {}
         for key, value in self.extra.items():
             if value.ndim == 2 and value.shape == (1, self.prompt_len) and total > self.prompt_len:
-                pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+                pad = torch.full((1, total - self.prompt_len), self.target_values.get(key, 0), dtype=value.dtype,
+                                 device=value.device)
                 value = torch.cat([value, pad], dim=1)
             extra[key] = value
         return {
@@ -157,7 +163,7 @@ class Explainer:
     def encode_prompt(self, image, prompt: str | None):
         """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
-        text = build_prompt(self.processor, prompt)
+        text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:
@@ -250,6 +256,7 @@ class Explainer:
             image=image_np,
             word_ids=word_ids,
             extra=extra,
+            target_values=dict(self.adapter.target_token_values),
         )
 
     # ---- outputs ---------------------------------------------------------------------------------------------

@@ -199,6 +199,12 @@ class RGAE(Explainer):
         vis = AttentionRecorder(vis_modules, [f"vision layer {i}" for i in range(len(vis_modules))])
         if through_vision and not vis_modules:
             raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
+        views = inputs.layout.views
+        if through_vision and len(views) > 1:
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: it sees this image as "
+                f"{len(views)} views ({', '.join(v.name for v in views)}); explain without it"
+            )
         needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
         io = ProjectorIO(ad.projector)
 
