@@ -71,7 +71,7 @@ def tiny_gemma3_config(text_layers: int = 2, **kwargs):
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
         max_position_embeddings=512, sliding_window=8,
-        layer_types=(["sliding_attention", "full_attention"] * text_layers)[:text_layers],
+        layer_types=["sliding_attention"] * (text_layers - 1) + ["full_attention"],
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     config = Gemma3Config(
@@ -91,7 +91,13 @@ def tiny_gemma3(dtype: torch.dtype = torch.float32, seed: int = 0, **kwargs):
     from transformers import Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)
-    return Gemma3ForConditionalGeneration(tiny_gemma3_config(**kwargs)).to(dtype).eval()
+    model = Gemma3ForConditionalGeneration(tiny_gemma3_config(**kwargs))
+    # transformers initializes the connector's projection to zeros (checkpoints overwrite it): a zero projection
+    # would hide the image from the LLM altogether.
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        weight.normal_(std=weight.shape[0] ** -0.5)
+    return model.to(dtype).eval()
 
 
 def tiny_gemma3_image_processor(**overrides):
@@ -100,15 +106,24 @@ def tiny_gemma3_image_processor(**overrides):
     return Gemma3ImageProcessorPil(**{"size": {"height": IMAGE, "width": IMAGE}, **overrides})
 
 
+#: Pan-and-scan settings for the tiny sizes (the real defaults: crops of at least 256 px, up to 4, from aspect 1.2).
+PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 12, "pan_and_scan_max_num_crops": 3,
+                "pan_and_scan_min_ratio_to_activate": 1.2}
+
+
 def tiny_gemma3_processor(pan_and_scan: bool = False, **image_overrides):
-    """The real Gemma3Processor. ``pan_and_scan=True``: crops (min crop 12 px, up to 3, from aspect 1.2 on)."""
+    """The real Gemma3Processor. ``pan_and_scan=True``: every call makes pan-and-scan crops (:data:`PAN_AND_SCAN`;
+    Gemma3's processor only takes them as call arguments, and the explainer calls it with none)."""
     from transformers import Gemma3Processor
 
+    cls = Gemma3Processor
     if pan_and_scan:
-        image_overrides = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 12,
-                           "pan_and_scan_max_num_crops": 3, "pan_and_scan_min_ratio_to_activate": 1.2,
-                           **image_overrides}
-    return Gemma3Processor(
+        class PanAndScanGemma3Processor(Gemma3Processor):
+            def __call__(self, images=None, text=None, **kwargs):
+                return super().__call__(images=images, text=text, **{**PAN_AND_SCAN, **kwargs})
+
+        cls = PanAndScanGemma3Processor
+    return cls(
         image_processor=tiny_gemma3_image_processor(**image_overrides),
         tokenizer=tiny_gemma3_tokenizer(),
         image_seq_length=TOKENS,
