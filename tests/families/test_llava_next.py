@@ -80,12 +80,11 @@ def test_text_to_query_equals_the_full_matrix_oracle_and_text_to_patch_composes(
     torch.testing.assert_close(out["query_to_patch"], q2p)
 
 
-def test_end_to_end_teacher_forced_and_generated(explainer, tmp_path):
+def test_end_to_end_teacher_forced_and_generated(explainer):
     e = explainer.attribute(noise(), target="a red circle")
     assert e.text_to_patch.shape == (3, 64) and e.patch_grid is None
     assert e.image_map().shape == IMAGE_HW and e.image_map(word="red").shape == IMAGE_HW
     assert float(e.image_map().sum()) > 0
-    assert save_figures(e, tmp_path, dpi=30, words=False)
     g = explainer.attribute(noise(), target=None, max_new_tokens=3)
     assert g.text_to_query.shape[1] == 52 and g.image_map().shape == IMAGE_HW
     with pytest.raises(ValueError, match="through_vision=True is not supported yet for LlavaNextForConditional"):
@@ -99,6 +98,22 @@ def test_the_video_model_explains_images_with_the_same_layout(explainer):
     assert torch.equal(inputs.layout.query_to_patch, explainer.prepare(noise(), "a", None).layout.query_to_patch)
     out = video_explainer.compute(inputs)
     assert_close_relative(out["text_to_query"], full_matrix_text_to_query(model, inputs), 1e-6)
+
+
+@pytest.mark.slow
+def test_figures_are_written(explainer, tmp_path):
+    e = explainer.attribute(noise(), target="a red circle")
+    paths = save_figures(e, tmp_path, dpi=30, words=False)
+    assert paths and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_processor_and_model_that_disagree_are_refused(model64):
+    other = RGAE(model64, tiny_llava_next_processor(image_grid_pinpoints=[[32, 32], [64, 64]]))
+    with pytest.raises(ValueError, match="image_grid_pinpoints agree"):
+        other.prepare(noise(), "a", None)
+    cls_kept = tiny_llava_next(vision_feature_select_strategy="full")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        RGAE(cls_kept, tiny_llava_next_processor()).prepare(noise(), "a", None)
 
 
 def test_planted_region_lights_up_in_the_image_map():

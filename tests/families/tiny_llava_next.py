@@ -50,9 +50,7 @@ def tiny_llava_next_config(video: bool = False, text_layers: int = 2, **kwargs):
         text_config=tiny_text_config("llama", vocab_size=len(tok), num_layers=text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        **kwargs,
+        **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **kwargs},
     )
     if video:
         return _eager(LlavaNextVideoConfig(**common, video_token_index=tok.convert_tokens_to_ids("<video>")))
