@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from rgae.adapters import Family
-from rgae.adapters.base import ModelAdapter, leaf_attention_modules
+from rgae.adapters.base import ModelAdapter
 from rgae.adapters.geometry import piece_box
-from rgae.adapters.llava import llava_parts
+from rgae.adapters.llava import llava_fields
 from rgae.layout import ImageLayout, View
 
 __all__ = ["Gemma3Adapter", "gemma3_adapter", "gemma3_views", "pooling_jacobian"]
@@ -108,21 +108,16 @@ class Gemma3Adapter(ModelAdapter):
 
 def gemma3_adapter(model: nn.Module) -> Gemma3Adapter:
     """The adapter of a ``Gemma3ForConditionalGeneration``."""
-    language_model, vision_tower, projector = llava_parts(model)
+    fields = llava_fields(model)
+    projector = fields["projector"]
     vcfg = model.config.vision_config
     side = int(vcfg.image_size) // int(vcfg.patch_size)
     tokens = int(projector.tokens_per_side)
     return Gemma3Adapter(
-        model=model,
-        language_model=language_model,
-        vision_tower=vision_tower,
-        projector=projector,
-        llm_attention=leaf_attention_modules(language_model),
-        vision_attention=leaf_attention_modules(vision_tower),
+        **fields,
         projector_kind="avgpool",
         patch_grid=(side, side),
         query_grid=(tokens, tokens),
-        image_token_id=int(model.config.image_token_id),
         vision_feature_layer=-1,  # last_hidden_state: every SigLIP layer feeds the connector
         vision_prefix=0,
         feature_prefix=0,

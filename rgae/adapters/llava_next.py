@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from rgae.adapters import Family
-from rgae.adapters.base import ModelAdapter, leaf_attention_modules
+from rgae.adapters.base import ModelAdapter
 from rgae.adapters.geometry import _get, piece_box
-from rgae.adapters.llava import llava_parts, vision_geometry
+from rgae.adapters.llava import llava_fields, vision_geometry
 from rgae.layout import ImageLayout, View
 
 __all__ = ["AnyresAdapter", "anyres_views", "llava_next_adapter"]
@@ -178,19 +178,13 @@ class AnyresAdapter(ModelAdapter):
 
 def anyres_parts(model: nn.Module) -> dict:
     """The fields every anyres adapter shares: parts, attention modules, per-view patch grid, prefixes."""
-    language_model, vision_tower, projector = llava_parts(model)
-    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, vision_tower)
+    fields = llava_fields(model)
+    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, fields["vision_tower"])
     return dict(
-        model=model,
-        language_model=language_model,
-        vision_tower=vision_tower,
-        projector=projector,
-        llm_attention=leaf_attention_modules(language_model),
-        vision_attention=leaf_attention_modules(vision_tower),
+        **fields,
         projector_kind="mlp",
         patch_grid=grid,
         query_grid=None,
-        image_token_id=int(model.config.image_token_id),
         vision_feature_layer=layer,
         vision_prefix=vision_prefix,
         feature_prefix=feature_prefix,

@@ -22,28 +22,21 @@ from __future__ import annotations
 from torch import nn
 
 from rgae.adapters import Family
-from rgae.adapters.base import ModelAdapter, leaf_attention_modules
-from rgae.adapters.llava import llava_parts
+from rgae.adapters.base import ModelAdapter
+from rgae.adapters.llava import llava_fields
 
 __all__ = ["paligemma_adapter"]
 
 
 def paligemma_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter of a ``PaliGemmaForConditionalGeneration``."""
-    language_model, vision_tower, projector = llava_parts(model)
     vcfg = model.config.vision_config
     side = int(vcfg.image_size) // int(vcfg.patch_size)
     return ModelAdapter(
-        model=model,
-        language_model=language_model,
-        vision_tower=vision_tower,
-        projector=projector,
-        llm_attention=leaf_attention_modules(language_model),
-        vision_attention=leaf_attention_modules(vision_tower),
+        **llava_fields(model),
         projector_kind="linear",
         patch_grid=(side, side),
         query_grid=(side, side),
-        image_token_id=int(model.config.image_token_id),
         vision_feature_layer=-1,  # last_hidden_state: every SigLIP layer feeds the projector
         vision_prefix=0,
         feature_prefix=0,

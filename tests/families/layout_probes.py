@@ -188,3 +188,17 @@ def bright_square(height: int, width: int, box: tuple[int, int, int, int]) -> tu
     x0, y0, x1, y1 = box
     bright[y0:y1, x0:x1] = 255
     return dark, bright
+
+
+def noise_image(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A random uint8 RGB image of ``hw``."""
+    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+
+
+def run_doctests(*modules) -> None:
+    """Run the docstring examples of ``modules`` (each must have some, and all must pass)."""
+    import doctest
+
+    for module in modules:
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -4,9 +4,6 @@ region. Tiny real models (tests/families/tiny_gemma3.py)."""
 
 from __future__ import annotations
 
-import doctest
-
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +20,7 @@ IMAGE_HW = (48, 80)
 
 
 def noise(hw=IMAGE_HW, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    return probes.noise_image(hw, seed)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +133,4 @@ def test_docstring_examples():
     import rgae.adapters.gemma3 as module
     import tests.families.tiny_gemma3 as tiny
 
-    for m in (module, tiny):
-        result = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        assert result.attempted > 0 and result.failed == 0, m.__name__
+    probes.run_doctests(module, tiny)

@@ -3,9 +3,6 @@ full-matrix oracle, end to end, planted region. Tiny real models (tests/families
 
 from __future__ import annotations
 
-import doctest
-
-import numpy as np
 import pytest
 import torch
 
@@ -25,7 +22,7 @@ IMAGE_HW = (40, 88)
 
 
 def noise(hw=IMAGE_HW, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    return probes.noise_image(hw, seed)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +133,5 @@ def test_docstring_examples():
     import rgae.adapters.llava_next as module
     import tests.families.tiny_llava_next as tiny
 
-    for m in (module, tiny):
-        result = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        assert result.attempted > 0 and result.failed == 0, m.__name__
+    probes.run_doctests(module, tiny)
 

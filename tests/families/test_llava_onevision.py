@@ -4,10 +4,8 @@ oracle, end to end, planted region. Tiny real models (tests/families/tiny_llava_
 
 from __future__ import annotations
 
-import doctest
 import math
 
-import numpy as np
 import pytest
 import torch
 from transformers.image_processing_utils import select_best_resolution
@@ -15,6 +13,7 @@ from transformers.image_processing_utils import select_best_resolution
 from rgae import RGAE
 from rgae.viz import save_figures
 from tests.families import layout_probes as probes
+from tests.families.layout_probes import noise_image as noise
 from tests.families.tiny_llava_onevision import (
     ASPECT,
     PATCH,
@@ -31,9 +30,6 @@ LARGE = (72, 100)
 SMALL = (32, 64)  # exactly the 32×64 pinpoint: two tiles, no padding, no interpolation
 SIDE = TILE // PATCH
 
-
-def noise(hw, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +180,4 @@ def test_docstring_examples():
     import rgae.adapters.llava_onevision as module
     import tests.families.tiny_llava_onevision as tiny
 
-    for m in (module, tiny):
-        result = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        assert result.attempted > 0 and result.failed == 0, m.__name__
+    probes.run_doctests(module, tiny)

@@ -80,11 +80,8 @@ def tiny_llava_next_image_processor(**overrides):
     return LlavaNextImageProcessorPil(**{**settings, **overrides})
 
 
-def tiny_llava_next_processor(**image_overrides):
-    """The real LlavaNextProcessor: CLIP-style anyres PIL image processor, tiny tokenizer, ``[INST]`` template."""
-    from transformers import LlavaNextProcessor
-
-    return LlavaNextProcessor(
+def _processor_parts(**image_overrides) -> dict:
+    return dict(
         image_processor=tiny_llava_next_image_processor(**image_overrides),
         tokenizer=tiny_llava_next_tokenizer(),
         patch_size=PATCH,
@@ -92,6 +89,13 @@ def tiny_llava_next_processor(**image_overrides):
         num_additional_image_tokens=1,
         chat_template=MISTRAL_CHAT_TEMPLATE,
     )
+
+
+def tiny_llava_next_processor(**image_overrides):
+    """The real LlavaNextProcessor: CLIP-style anyres PIL image processor, tiny tokenizer, ``[INST]`` template."""
+    from transformers import LlavaNextProcessor
+
+    return LlavaNextProcessor(**_processor_parts(**image_overrides))
 
 
 def without_video_processor(processor_cls):
@@ -113,12 +117,4 @@ def tiny_llava_next_video_processor(**image_overrides):
     """The real LlavaNextVideoProcessor for images (no video processor: see :func:`without_video_processor`)."""
     from transformers import LlavaNextVideoProcessor
 
-    return without_video_processor(LlavaNextVideoProcessor)(
-        video_processor=None,
-        image_processor=tiny_llava_next_image_processor(**image_overrides),
-        tokenizer=tiny_llava_next_tokenizer(),
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=MISTRAL_CHAT_TEMPLATE,
-    )
+    return without_video_processor(LlavaNextVideoProcessor)(video_processor=None, **_processor_parts(**image_overrides))
