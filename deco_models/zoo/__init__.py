@@ -99,10 +99,11 @@ def load(name: str, attn_implementation: str | None = "eager"):
         >>> model.config.num_image_tokens  # doctest: +SKIP
         36
     """
-    from deco_models.recipes.shapes_mini import load_trained
+    from deco_models.loading import load as load_model
 
     entry = resolve(name)
-    return load_trained(entry.base, entry.path, attn_implementation=attn_implementation)
+    return load_model(str(entry.path), base=str(entry.base / "llm"), vision_tower=str(entry.base / "vision"),
+                      attn_implementation=attn_implementation)
 
 
 __all__ = ["ZooEntry", "available", "is_zoo_name", "load", "resolve", "ZOO_DIR"]

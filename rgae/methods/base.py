@@ -11,55 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from rgae.adapters import ModelAdapter, get_adapter
 from rgae.explanation import Explanation
+from rgae.images import load_pil_image as load_image
 from rgae.layout import ImageLayout
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."
-
-
-def load_image(image) -> Any:
-    """A PIL RGB image from a path, a PIL image or an array, in any mode (one image: batches are refused).
-
-    Conversion is :func:`deco_models.processing.load_image`'s: grayscale replicated, alpha composited on white,
-    16-bit scaled (not clipped), floats read as [0, 1]; a missing or corrupt file raises ``ValueError``.
-
-    Example:
-        >>> import numpy as np
-        >>> load_image(np.zeros((4, 5), dtype=np.uint16)).size, load_image(np.zeros((4, 5), dtype=np.uint16)).mode
-        ((5, 4), 'RGB')
-    """
-    from PIL import Image
-
-    from deco_models.processing import load_image as load_rgb_array
-
-    if isinstance(image, list | tuple):
-        raise ValueError("explain one image at a time (batch size 1); got a sequence of images")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 4:
-            if image.shape[0] != 1:
-                raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {image.shape}")
-            image = image[0]
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-            image = np.moveaxis(image, 0, -1)  # [C, H, W] -> [H, W, C]
-        if image.size == 0:
-            raise ValueError(f"image array is empty (shape {image.shape})")
-        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise ValueError("image array contains NaN or inf")
-    if isinstance(image, Image.Image) and image.mode == "RGB":
-        return image
-    try:
-        rgb = load_rgb_array(image)
-    except FileNotFoundError as exc:
-        raise ValueError(str(exc)) from None
-    return Image.fromarray(rgb, mode="RGB")
 
 
 def tokenizer_of(processor):
