@@ -33,7 +33,6 @@ so the first tile starts 12 · 88/71 px left of the image):
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,14 +86,16 @@ def anyres_views(image_processor, image_hw: tuple[int, int], grid: tuple[int, in
     return views
 
 
-@dataclass
 class AnyresAdapter(ModelAdapter):
     """A :class:`~rgae.adapters.base.ModelAdapter` whose layout is the anyres base image + tiles (module docs).
 
     ``patch_grid`` is one view's grid (the vision tower's); the LLM's image tokens are the packed, unpadded tiles
     with newline placeholders, so there is no single query grid."""
 
-    family: str = "LLaVA-NeXT"
+    @property
+    def family(self) -> str:
+        """The model's class name, for messages."""
+        return type(self.model).__name__
 
     def pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
         """The model's own ``pack_image_features`` on ``features`` (``[views, tokens, C]`` per image), first image."""
@@ -194,7 +195,7 @@ def anyres_parts(model: nn.Module) -> dict:
 
 def llava_next_adapter(model: nn.Module) -> AnyresAdapter:
     """The adapter of a ``LlavaNextForConditionalGeneration`` / ``LlavaNextVideoForConditionalGeneration``."""
-    return AnyresAdapter(**anyres_parts(model), family=type(model).__name__)
+    return AnyresAdapter(**anyres_parts(model))
 
 
 FAMILY = Family(

@@ -19,8 +19,6 @@ Example (the views of a tiny OneVision image processor; ``anyres_views`` is LLaV
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -30,11 +28,8 @@ from rgae.adapters.llava_next import AnyresAdapter, anyres_parts, anyres_views
 __all__ = ["OnevisionAdapter", "anyres_views", "llava_onevision_adapter"]
 
 
-@dataclass
 class OnevisionAdapter(AnyresAdapter):
     """The anyres adapter with OneVision's packing (``vision_aspect_ratio``) and its interpolation rule."""
-
-    family: str = "LLaVA-OneVision"
 
     def pack(self, features, image_sizes, newline):
         inner = getattr(self.model, "model", self.model)
