@@ -113,6 +113,15 @@ def test_processor_and_model_that_disagree_are_refused(model64):
         RGAE(cls_kept, tiny_llava_next_processor()).prepare(noise(), "a", None)
 
 
+def test_attention_baselines_read_the_same_layout(model64):
+    from rgae.methods import AttentionRollout, RawAttention
+
+    for cls in (RawAttention, AttentionRollout):
+        e = cls(model64, tiny_llava_next_processor()).attribute(noise(), target="a red")
+        assert e.text_to_patch.shape == (2, 64) and e.image_map().shape == IMAGE_HW
+        assert float(e.text_to_patch[:, 16:32].abs().sum()) > 0  # a tile reached through the packing
+
+
 def test_planted_region_lights_up_in_the_image_map():
     model = tiny_llava_next(dtype=torch.float64, text_layers=1, seed=1)
     processor = tiny_llava_next_processor(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
