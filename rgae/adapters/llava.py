@@ -69,19 +69,13 @@ def vision_geometry(model: nn.Module, vision_tower: nn.Module) -> tuple[tuple[in
 
 def llava_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter of a stock ``LlavaForConditionalGeneration``."""
-    language_model, vision_tower, projector = llava_parts(model)
-    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, vision_tower)
+    fields = llava_fields(model)
+    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, fields["vision_tower"])
     return ModelAdapter(
-        model=model,
-        language_model=language_model,
-        vision_tower=vision_tower,
-        projector=projector,
-        llm_attention=leaf_attention_modules(language_model),
-        vision_attention=leaf_attention_modules(vision_tower),
+        **fields,
         projector_kind="mlp",
         patch_grid=grid,
         query_grid=grid if feature_prefix == 0 else None,
-        image_token_id=int(model.config.image_token_id),
         vision_feature_layer=layer,
         vision_prefix=vision_prefix,
         feature_prefix=feature_prefix,
