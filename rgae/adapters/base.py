@@ -81,8 +81,12 @@ class ModelAdapter:
             its sequence; the layout's ``positions`` then index those keys.
         projector_input: the keyword argument carrying the patch features into a projector that is called with
             keywords only (BLIP-2's Q-Former: ``"encoder_hidden_states"``); None: its first positional argument.
-        prompt_template: the default prompt around an instruction (``"Question: {instruction} Answer:"``) for a
-            processor without a chat template that inserts the image tokens itself (BLIP-2); None: LLaVA's.
+        prompt_template: how the family wraps an instruction when its processor has no chat template, with
+            ``{image}`` and ``{instruction}`` fields (PaliGemma: ``"{image}{instruction}"``, its processor adds the
+            rest); None: LLaVA's plain ``USER: {image}\n{instruction} ASSISTANT:``.
+        target_token_values: the value per-token model inputs (processor outputs shaped like ``input_ids``) take
+            over the target text, by input name; 0 (text) for the others. PaliGemma's ``token_type_ids`` mark the
+            target as the causal suffix: ``{"token_type_ids": 1}``.
     """
 
     model: nn.Module
@@ -103,6 +107,7 @@ class ModelAdapter:
     llm_attention_kinds: tuple[str, ...] | None = None
     projector_input: str | None = None
     prompt_template: str | None = None
+    target_token_values: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.projector_kind not in PROJECTOR_KINDS:

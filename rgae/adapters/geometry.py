@@ -84,3 +84,20 @@ def content_box_view(content_box, model_hw: tuple[int, int], image_hw: tuple[int
     h, w = image_hw
     sx, sy = (cx1 - cx0) / w, (cy1 - cy0) / h
     return (0.0 - cx0 / sx, 0.0 - cy0 / sy, (mw - cx0) / sx, (mh - cy0) / sy)
+
+
+def piece_box(image_processor, piece_hw: tuple[int, int], region: tuple[float, float, float, float]):
+    """The original-image box of what ``image_processor``'s resize/center-crop makes of a piece of an image (a tile,
+    a crop, the image squashed to a square) that is ``piece_hw`` pixels and shows the original-image ``region``
+    ``(x0, y0, x1, y1)``: :func:`resize_crop_box` inside the piece, mapped linearly onto the region.
+
+    Example (a 20×10 tile showing original x 40–80, y 0–20, resized to 32×32 and center-cropped to 32×16):
+        >>> from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        >>> ip = CLIPImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 16})
+        >>> piece_box(ip, (20, 10), (40.0, 0.0, 80.0, 20.0))
+        (50.0, 0.0, 70.0, 20.0)
+    """
+    bx0, by0, bx1, by1 = resize_crop_box(image_processor, piece_hw)
+    x0, y0, x1, y1 = region
+    sx, sy = (x1 - x0) / piece_hw[1], (y1 - y0) / piece_hw[0]
+    return (x0 + bx0 * sx, y0 + by0 * sy, x0 + bx1 * sx, y0 + by1 * sy)

@@ -29,8 +29,8 @@ def tokenizer_of(processor):
 
 def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
     """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
-    the instruction; a processor without one gets ``template.format(instruction=...)`` (the adapter's
-    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:``."""
+    the instruction; a processor without one gets ``template`` (``{image}``/``{instruction}`` fields: the adapter's
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:`` template."""
     image_token = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2 keeps an AddedToken
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -44,7 +44,7 @@ def build_prompt(processor, prompt: str | None, template: str | None = None) -> 
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     if template is not None:
-        return template.format(instruction=instruction)
+        return template.format(image=image_token, instruction=instruction)
     return f"USER: {image_token}\n{instruction} ASSISTANT:"
 
 
@@ -62,6 +62,7 @@ class PreparedInputs:
     image: np.ndarray  # uint8 [H, W, 3]: the original image
     word_ids: list[int] | None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other model inputs (image_sizes, ...)
+    target_values: dict[str, int] = field(default_factory=dict)  # per-token inputs' value over the target (else 0)
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -79,15 +80,17 @@ class PreparedInputs:
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
-        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text;
-        per-token outputs with more axes (Mllama's ``cross_attention_mask [1, S, images, tiles]``: what each token
-        sees) repeat the prompt's last row, as ``generate`` extends them."""
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text,
+        or with ``target_values[name]`` (the adapter's ``target_token_values``); per-token outputs with more axes
+        (Mllama's ``cross_attention_mask [1, S, images, tiles]``: what each token sees) repeat the prompt's last row,
+        as ``generate`` extends them."""
         total = self.input_ids.shape[1]
         extra = {}
         for key, value in self.extra.items():
             if value.ndim >= 2 and value.shape[:2] == (1, self.prompt_len) and total > self.prompt_len:
                 if value.ndim == 2:
-                    pad = torch.zeros(1, total - self.prompt_len, dtype=value.dtype, device=value.device)
+                    pad = torch.full((1, total - self.prompt_len), self.target_values.get(key, 0), dtype=value.dtype,
+                                     device=value.device)
                 else:
                     pad = value[:, -1:].expand(1, total - self.prompt_len, *value.shape[2:])
                 value = torch.cat([value, pad], dim=1)
@@ -219,6 +222,7 @@ class Explainer:
             image=image_np,
             word_ids=word_ids,
             extra=extra,
+            target_values=dict(self.adapter.target_token_values),
         )
 
     # ---- outputs ---------------------------------------------------------------------------------------------
