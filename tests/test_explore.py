@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from rgae import Explanation
+from rgae.layout import ImageLayout, View
 from rgae.viz import explore, explore_sections, overlay, synthetic_explanation, write_site
-from rgae.viz.explore import display_image
+from rgae.viz.explore import display_image, selection_map
 
 SCENE_SEED = 2  # "a large yellow square left of a large blue circle left of a small red triangle": every word unique
 # One word per object of that scene that R-GAE on the shipped MLP model localizes (pointing game hits; its map for
@@ -81,9 +82,9 @@ def test_embedded_maps_repaint_exactly_the_overlay(image_size, display_px):
         assert k == display_px // max(image_size) and np.array_equal(base[::k, ::k], e.image)
     for sel, word in enumerate([None, *range(len(e.words))]):
         painted = blend_like_the_page(base, decode_png(panel["t2i"]["png"][sel]), data["lut"], data["alpha"])
-        reference = overlay(base, e.patch_map(word=word), alpha=0.4).astype(np.int64)
+        m = selection_map(e, word=word, size=base.shape[:2])  # what the figures draw, at the page's size
+        reference = overlay(base, m, alpha=0.4).astype(np.int64)
         assert np.array_equal(painted, reference)
-        m = e.patch_map(word=word)
         assert panel["t2i"]["lo"][sel] == pytest.approx(float(m.min()), rel=1e-5)
         assert panel["t2i"]["hi"][sel] == pytest.approx(float(m.max()), rel=1e-5)
 
@@ -442,7 +443,8 @@ def test_browser_fragment_opens_a_word_and_screenshot_equals_overlay(browser, sh
     assert browser.state()["shared"] is False and browser.js("location.hash") == f"#word={i}"
     shot = browser.screenshot('.rx-panel[data-panel="0"] .rx-t2i').astype(np.int64)
     e = expls["rgae"]
-    reference = overlay(display_image(e), e.patch_map(word=i)).astype(np.int64)
+    base = display_image(e)
+    reference = overlay(base, selection_map(e, word=i, size=base.shape[:2])).astype(np.int64)
     assert np.array_equal(shot, reference), f"{(shot != reference).mean():.2%} of the values differ"
     assert in_box(hot_center(t2i_heat(browser, e, path)), obj.box)
     assert browser.problems() == []
@@ -538,3 +540,34 @@ def test_demo_index_page_holds_every_model_and_method(tmp_path):
     data = page_data(text)
     assert [len(d["panels"]) for d in data] == [4, 2, 2]  # one shared-selection scene section, a photo per model
     assert ">mlp2x_gelu · gradcam</b>" in text and "tiny-x&#x27;s own answer" in text
+
+
+def test_tiled_layout_maps_cover_every_view_and_queries_draw_over_their_own_view(browser, tmp_path):
+    """A base view of the whole 32×32 image and a tile of its right half: the Text-to-Image data is the layout's
+    rendering over both views (the tile's relevance lands in the right half only), and a query of the tile draws its
+    Query-to-Patch row inside the tile's box, nothing outside it."""
+    base_view, tile = View("base", (2, 2), (0, 0, 32, 32)), View("tile 0,1", (2, 2), (16, 0, 32, 32))
+    layout = ImageLayout((32, 32), (base_view, tile), torch.arange(8), query_to_patch=torch.eye(8), rule="identity")
+    t2p = torch.zeros(2, 8)
+    t2p[:, 4 + 1] = 1.0  # tile patch (0, 1): the top right quarter of the image
+    q2p = torch.eye(8)
+    e = Explanation(method="rgae", target_text="a cat", output_tokens=["a", "cat"], text_to_patch=t2p,
+                    text_to_query=t2p.clone(), query_to_patch=q2p, layout=layout,
+                    image=np.full((32, 32, 3), 128, np.uint8))
+    data = page_data(explore(e, display_px=64).html)[0]
+    panel = data["panels"][0]
+    assert panel["views"] == [[0, 0, 64, 64, 2, 2, 0], [32, 0, 64, 64, 2, 2, 4]]
+    assert panel["q2p"]["view"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    sentence = decode_png(panel["t2i"]["png"][0]).astype(float)
+    assert sentence[:, :32].max() == 0 and sentence[:32, 32:].mean() > sentence[32:, 32:].mean()
+    m = selection_map(e, size=(64, 64))
+    assert m.shape == (64, 64) and np.isfinite(m).all()
+    assert panel["t2i"]["hi"][0] == pytest.approx(float(m.max()), rel=1e-5)
+    path = explore(e, display_px=64).save(tmp_path / "tiled.html")
+    browser.open(f"{path.as_uri()}#query=5")  # tile patch (0, 1)
+    assert browser.state()["shown"][0]["query"] == 5
+    shot = browser.screenshot('.rx-panel[data-panel="0"] .rx-q2i').astype(np.int64)
+    outside, hot, cold = shot[:, :32], shot[:32, 48:], shot[32:, 32:]
+    assert (outside == outside[0, 0]).all()  # outside the tile's box: the scale's bottom everywhere
+    assert not np.array_equal(hot[0, 0], cold[0, 0]) and (hot == hot[0, 0]).all()
+    assert browser.problems() == []

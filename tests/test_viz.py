@@ -39,7 +39,7 @@ def hot_map(grid, i, j, dtype=np.float64):
 
 
 def make_expl(patch_grid=(4, 4), query_grid=(2, 2), image_hw=(48, 48), q2p="pool", t2q=None, words=None,
-              method="rgae", projector="qformer2_144", text="A pot of green plants", content_box=None):
+              method="rgae", projector="qformer2_144", text="A pot of green plants", view_box=None):
     words = words or text.split()
     t, n, m = len(words), patch_grid[0] * patch_grid[1], query_grid[0] * query_grid[1]
     gen = torch.Generator().manual_seed(0)
@@ -51,9 +51,15 @@ def make_expl(patch_grid=(4, 4), query_grid=(2, 2), image_hw=(48, 48), q2p="pool
         q2p = torch.eye(n)
     t2q = torch.rand(t, m, generator=gen) if t2q is None else t2q
     image = (np.random.default_rng(0).integers(0, 255, (*image_hw, 3))).astype(np.uint8)
+    layout = None
+    if view_box is not None:  # the patch grid covers view_box of the (original) image, e.g. padding around it
+        from rgae.layout import ImageLayout
+
+        layout = ImageLayout.single_view(image_hw, patch_grid, view_box, torch.arange(m), q2p.double(), rule="pooling",
+                                         query_grid=query_grid)
     return Explanation(method=method, target_text=text, output_tokens=words, text_to_patch=t2q @ q2p,
                        patch_grid=patch_grid, text_to_query=t2q, query_to_patch=q2p, query_grid=query_grid,
-                       image=image, projector_type=projector, content_box=content_box)
+                       image=image, projector_type=projector, layout=layout)
 
 
 def render_png(fig: Figure, dpi: int = 100) -> np.ndarray:
@@ -197,20 +203,17 @@ def test_bad_input_raises_value_error(image, patch_map, kw):
 
 
 # ---- figures: content in pixel space ---------------------------------------------------------------------------
-def test_padded_image_mapped_back_to_content_box():
-    # 96×96 model-seen image, content rows 16..79 (letterbox), 12×12 patches of 8 px; hot patch (5, 9).
-    box = (0, 16, 96, 80)
-    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), image_hw=(96, 96), q2p="identity",
+def test_padded_view_is_drawn_over_the_original_image():
+    # A 64×96 image letterboxed to 96×96 (16 rows of padding above and below), 12×12 patches of 8 px; hot patch (5, 9).
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), image_hw=(64, 96), q2p="identity",
                   t2q=torch.from_numpy(hot_map((12, 12), 5, 9).reshape(1, -1)).float(), words=["plants"],
-                  text="plants", content_box=box)
-    fig = viz.plot_text_to_image(e, crop_to_content=True, interpolation="nearest", alpha=1.0, cmap="gray")
+                  text="plants", view_box=(0, -16, 96, 80))
+    fig = viz.plot_text_to_image(e, interpolation="nearest", alpha=1.0, cmap="gray")
     shown = np.asarray(fig.axes[0].images[0].get_array())
     assert shown.shape == (64, 96, 3)
     hot = np.argwhere(shown[..., 0] == 255)
-    # Patch (5, 9) is y ∈ [40, 48), x ∈ [72, 80) in the padded image → y ∈ [24, 32) after removing 16 rows.
+    # Patch (5, 9) is y ∈ [40, 48), x ∈ [72, 80) in the padded square → y ∈ [24, 32) of the original image.
     assert hot[:, 0].min() == 24 and hot[:, 0].max() == 31 and hot[:, 1].min() == 72 and hot[:, 1].max() == 79
-    full = np.asarray(viz.plot_text_to_image(e, interpolation="nearest").axes[0].images[0].get_array())
-    assert full.shape == (96, 96, 3)
 
 
 @pytest.mark.parametrize("style", ["grid", "heatmap"])
@@ -433,14 +436,13 @@ def test_tiny_model_explanation_end_to_end(tmp_path):
     model = tiny.tiny_deco_model("avgpool2_4", image_size=32)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3)).astype(np.uint8)  # padded to square
     e = RGAE(model, tiny.tiny_processor(model)).attribute(image, target="a red circle")
-    assert e.content_box is not None and e.image is not None
-    paths = viz.save_figures(e, tmp_path, crop_to_content=True, words=False, dpi=50)
+    assert e.image.shape == (24, 40, 3) and e.layout.views[0].box == pytest.approx((0.0, -8.0, 40.0, 32.0))
+    paths = viz.save_figures(e, tmp_path, words=False, dpi=50)
     names = {p.name for p in paths}
     assert {"R_t_i-rgae-a-red-circle-avgpool2_4-.png", "R_t_q-rgae-a-red-circle-avgpool2_4-_grid.png",
             "R_q_i-rgae-a-red-circle-avgpool2_4-.png", "decomposition-rgae-a-red-circle-avgpool2_4-.png"} <= names
-    x0, y0, x1, y1 = e.content_box
-    shown = np.asarray(viz.plot_text_to_image(e, crop_to_content=True).axes[0].images[0].get_array())
-    assert shown.shape[:2] == (y1 - y0, x1 - x0)
+    shown = np.asarray(viz.plot_text_to_image(e).axes[0].images[0].get_array())
+    assert shown.shape[:2] == (24, 40)  # drawn over the original image, the padding gone
     assert e._repr_png_().startswith(b"\x89PNG")
 
 

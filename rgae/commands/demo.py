@@ -212,7 +212,7 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
     import rgae.methods as rgae_methods
     from deco_models.data.shapes import caption
     from rgae import viz
-    from rgae.metrics import box_to_model_frame, projector_diagnostics, random_pointing_baseline, word_pointing_game
+    from rgae.metrics import projector_diagnostics, word_pointing_game, word_random_baseline
 
     start = time.perf_counter()
     unknown = [m for m in methods if m not in METHODS]
@@ -282,11 +282,8 @@ def run_demo(out: str | Path, models: list[str] | None = None, methods=DEFAULT_M
                 record["pointing_total"] = len(hits)
                 record["pointing_rate"] = round(sum(hits) / len(hits), 4) if hits else None
                 if pairs:
-                    hw = expl.image.shape[:2]
-                    content = expl.content_box or (0, 0, hw[1], hw[0])
                     entry.setdefault("random_pointing", round(float(np.mean([
-                        random_pointing_baseline(box_to_model_frame(b, scene.image.shape[:2], content),
-                                                 expl.patch_grid, hw) for _, _, b in pairs])), 4))
+                        word_random_baseline(expl, b) for _, _, b in pairs])), 4))
             entry["images"].setdefault(image_name, {})[method] = record
             bar.update()
 

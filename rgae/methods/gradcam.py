@@ -35,13 +35,19 @@ class GradCAM(Explainer):
     def _attribute(self, inputs: PreparedInputs, center: bool = True, **unknown):
         if unknown:
             raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens, center)")
-        io = ProjectorIO(self.adapter.projector)
+        io = ProjectorIO(self.adapter.projector, self.adapter.projector_input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
+            if feats.ndim != 3 or not inputs.layout.is_single_grid:
+                raise ValueError(
+                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: it maps one patch grid from "
+                    f"projector input [1, tokens, channels], but this model's is {tuple(feats.shape)} over "
+                    f"{len(inputs.layout.views)} view(s) (tiles)"
+                )
             activations = feats[0].detach()
             if center:
                 activations = activations - activations[self.adapter.feature_prefix :].mean(0, keepdim=True)

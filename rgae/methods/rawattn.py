@@ -1,5 +1,6 @@
 """Raw attention baseline (DeCo Appendix B): Text-to-Query from the head-averaged attention of one LLM layer
-(default: the last), Query-to-Patch from the last Q-Former cross-attention.
+(default: the last; for an LLM that reads the image through cross-attention layers, Mllama, one of those), Query-to-
+Patch from the last Q-Former cross-attention.
 
 For projectors without attention, Query-to-Patch is geometric: the identity (linear / MLP) or the adaptive-pooling
 operator of the query grid over the patch grid (avgpool; also maxpool and the abstractors, whose queries pool the
@@ -25,7 +26,6 @@ from rgae.capture import AttentionRecorder, eager_attention, explain_mode
 from rgae.methods.base import Explainer, PreparedInputs
 from rgae.methods.relevance import attention_groups, check_capture, coverage_options
 from rgae.recompute import layer_probabilities, probability_rows
-from rgae.rules import identity_map, pooling_map
 
 
 def head_indices(heads, n_heads: int) -> list[int] | None:
@@ -102,16 +102,16 @@ class AttentionForward(Explainer):
         return [layer_probabilities(layer.blocks, layer.n_q, layer.n_k) if i == last else None
                 for i, layer in enumerate(proj_layers)]
 
-    def geometric_q2p(self, proj_attn: list[torch.Tensor], heads_proj=None) -> torch.Tensor:
+    def geometric_q2p(self, inputs: PreparedInputs, proj_attn: list, heads_proj=None) -> torch.Tensor:
+        """Query-to-Patch without gradients: the last Q-Former cross-attention, or the layout's structural map."""
         ad = self.adapter
-        ref = proj_attn[-1] if proj_attn else None
         if ad.projector_kind == "qformer":
             cross = [a for (k, _), a in zip(ad.projector_attention, proj_attn) if k == "cross"]
             return select_heads(cross[-1], heads_proj)[:, ad.feature_prefix :]
-        dtype = torch.float32 if ref is None else ref.dtype
-        if ad.is_identity:
-            return identity_map(ad.n_features, dtype=dtype)[:, ad.feature_prefix :]
-        return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype)
+        q2p = inputs.layout.query_to_patch
+        if q2p is None:
+            raise ValueError(f"the {inputs.layout.rule!r} connector has no structural Query-to-Patch map")
+        return q2p
 
 
 class RawAttention(AttentionForward):
@@ -127,13 +127,20 @@ class RawAttention(AttentionForward):
                 f"unknown RawAttention options: {sorted(unknown)} (known: layer, heads, capture, max_new_tokens)"
             )
         rows = inputs.predicting_positions
+        # The LLM attends to the image only in its cross-attention layers (Mllama): ``layer`` counts those.
+        cross_only = self.adapter.sees_image_through_cross_attention
+        kinds = self.adapter.llm_attention_kinds
         if check_capture(capture) == "eager":
             logits, llm_attn, proj_attn = self.record(inputs)
             maps = [select_heads(a, heads) for a in llm_attn]
+            if cross_only:
+                maps = [a for k, a in zip(kinds, maps) if k == "cross"]
             attn = select_layers(maps, layer)
             t2q = attn[rows.to(attn.device)][:, inputs.image_positions]
         else:
             logits, llm_layers, proj_layers = self.capture_layers(inputs)
+            if cross_only:
+                llm_layers = [c for k, c in zip(kinds, llm_layers) if k == "cross"]
             chosen = layer_index(layer, len(llm_layers))
             idx = head_indices(heads, llm_layers[0].blocks[0].heads)
             # Only the predicting rows of the chosen layers are recomputed.
@@ -141,7 +148,7 @@ class RawAttention(AttentionForward):
             attn = torch.stack([m.mean(0) if idx is None else m[idx].mean(0) for m in maps]).mean(0)
             t2q = attn[:, inputs.image_positions]
             proj_attn = self.projector_probabilities(proj_layers)
-        q2p = self.geometric_q2p(proj_attn).to(t2q.device, t2q.dtype)
+        q2p = self.geometric_q2p(inputs, proj_attn).to(t2q.device, t2q.dtype)
         return self.pack(
             inputs, text_to_patch=t2q @ q2p, token_probs=self._probs, text_to_query=t2q,
             query_to_patch=q2p, options={"layer": layer, "heads": heads, "capture": capture,

@@ -109,8 +109,9 @@ class EagerRelevance:
 
     capture = "eager"
 
-    def __init__(self, model: nn.Module, adapter, through_vision: bool):
+    def __init__(self, model: nn.Module, adapter, through_vision: bool, full_llm_cams: bool = False):
         self.model = model
+        self.full_llm_cams = full_llm_cams
         groups = attention_groups(adapter, through_vision)
         self.recorders = {g: AttentionRecorder([m for _, m in items], [n for n, _ in items])
                           for g, items in groups.items()}
@@ -138,16 +139,20 @@ class EagerRelevance:
         return self._all.attentions
 
     def maps(self, rows: Sequence[int], grads: Sequence[torch.Tensor | None]):
-        """Per target k (row ``rows[k]``, gradients ``g[k]``): ``(llm_row [n], projector cams, R_vit or None)``."""
+        """Per target k (row ``rows[k]``, gradients ``g[k]``): ``(llm_row [n], projector cams, R_vit or None)``;
+        with ``full_llm_cams``, every LLM layer's cam ``[n_q, n_k]`` instead of the row."""
         llm, proj, vis = (self.recorders[g].attentions for g in ("llm", "projector", "vision"))
         n_llm, n_proj = len(llm), len(proj)
         out = []
         for k, row in enumerate(rows):
             cams = self._all.cams([None if g is None else g[k] for g in grads])
-            llm_cams = [c for c in cams[:n_llm] if c is not None]
-            n = llm[0].shape[-1]
-            llm_row = propagate_rows(llm_cams, row) if llm_cams else torch.zeros(n, dtype=compute_dtype(
-                llm[0].dtype), device=llm[0].device)
+            if self.full_llm_cams:
+                llm_row = [c if c is not None else _zeros_like_cam(*a.shape[-2:], a) for c, a in zip(cams, llm)]
+            else:
+                llm_cams = [c for c in cams[:n_llm] if c is not None]
+                n = llm[0].shape[-1]
+                llm_row = propagate_rows(llm_cams, row) if llm_cams else torch.zeros(n, dtype=compute_dtype(
+                    llm[0].dtype), device=llm[0].device)
             proj_cams = [c if c is not None else _zeros_like_cam(*a.shape[-2:], a)
                          for c, a in zip(cams[n_llm : n_llm + n_proj], proj)]
             r_vit = None
@@ -165,10 +170,11 @@ class InterfaceRelevance:
 
     capture = "interface"
 
-    def __init__(self, model: nn.Module, adapter, through_vision: bool,
+    def __init__(self, model: nn.Module, adapter, through_vision: bool, full_llm_cams: bool = False,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS):
         self.model = model
         self.through_vision = through_vision
+        self.full_llm_cams = full_llm_cams
         self.chunk_rows = chunk_rows
         self.capture_ = InterfaceCapture(model, attention_groups(adapter, through_vision))
 
@@ -202,18 +208,19 @@ class InterfaceRelevance:
         ref = llm[0].blocks[0].query
         dtype = compute_dtype(ref.dtype)
         k = len(rows)
-        v = torch.zeros(k, llm[0].n_q, dtype=dtype, device=ref.device)
-        v[torch.arange(k), torch.as_tensor(list(rows))] = 1.0
-        for layer, g in zip(reversed(llm), reversed(per_layer["llm"])):  # e_rᵀ (I + cam_L) ⋯ (I + cam_1)
-            if g is not None:
-                v = row_trick_step(v, layer.blocks, g, self.chunk_rows)
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError("propagate_rows overflowed: the layer maps are too large for the product to stay finite")
-        proj_cams = []
-        for layer, g in zip(self.layers["projector"], per_layer["projector"]):
-            cam = (layer_cam(layer.blocks, g, layer.n_q, layer.n_k, self.chunk_rows) if g is not None
-                   else torch.zeros(k, layer.n_q, layer.n_k, dtype=dtype, device=ref.device))
-            proj_cams.append(cam)
+        if self.full_llm_cams:  # every layer's whole cam: the bi-modal rules need R_tt, not one row of it
+            v = [self._cam_or_zeros(layer, g, k, dtype, ref.device) for layer, g in zip(llm, per_layer["llm"])]
+        else:
+            v = torch.zeros(k, llm[0].n_q, dtype=dtype, device=ref.device)
+            v[torch.arange(k), torch.as_tensor(list(rows))] = 1.0
+            for layer, g in zip(reversed(llm), reversed(per_layer["llm"])):  # e_rᵀ (I + cam_L) ⋯ (I + cam_1)
+                if g is not None:
+                    v = row_trick_step(v, layer.blocks, g, self.chunk_rows)
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError("propagate_rows overflowed: the layer maps are too large for the product to stay "
+                                 "finite")
+        proj_cams = [self._cam_or_zeros(layer, g, k, dtype, ref.device)
+                     for layer, g in zip(self.layers["projector"], per_layer["projector"])]
         r_vit = None
         if self.through_vision:
             vis = self.layers["vision"]
@@ -222,10 +229,18 @@ class InterfaceRelevance:
             for layer, g in zip(vis, per_layer["vision"]):  # R = (I + cam_k) ⋯ (I + cam_1), first layer first
                 if g is not None:
                     r_vit = r_vit + layer_cam(layer.blocks, g, n_v, n_v, self.chunk_rows) @ r_vit
-        return [(v[i], [c[i] for c in proj_cams], None if r_vit is None else r_vit[i]) for i in range(k)]
+        llm_out = (lambda i: [c[i] for c in v]) if self.full_llm_cams else (lambda i: v[i])
+        return [(llm_out(i), [c[i] for c in proj_cams], None if r_vit is None else r_vit[i]) for i in range(k)]
+
+    def _cam_or_zeros(self, layer, g, k: int, dtype, device) -> torch.Tensor:
+        """``[k, n_q, n_k]``: the layer's cam per target, zeros where no target depends on it."""
+        if g is None:
+            return torch.zeros(k, layer.n_q, layer.n_k, dtype=dtype, device=device)
+        return layer_cam(layer.blocks, g, layer.n_q, layer.n_k, self.chunk_rows)
 
 
-def relevance_source(capture: str, model: nn.Module, adapter, through_vision: bool):
-    """The :class:`InterfaceRelevance` or :class:`EagerRelevance` of ``capture``."""
+def relevance_source(capture: str, model: nn.Module, adapter, through_vision: bool, full_llm_cams: bool = False):
+    """The :class:`InterfaceRelevance` or :class:`EagerRelevance` of ``capture``; ``full_llm_cams``: :meth:`maps`
+    gives every LLM layer's cam instead of the row-trick row (an LLM with cross-attention layers, Mllama)."""
     cls = InterfaceRelevance if check_capture(capture) == "interface" else EagerRelevance
-    return cls(model, adapter, through_vision)
+    return cls(model, adapter, through_vision, full_llm_cams=full_llm_cams)

@@ -52,19 +52,23 @@ from rgae.rules import identity_map, normalize_residual, pooling_map, propagate_
 class ProjectorIO:
     """Forward hook keeping the projector's input (patch features) and output (LLM image tokens).
 
+    The input is the projector's first positional argument, or its keyword argument ``input_key`` for projectors
+    called with keywords only (BLIP-2's Q-Former reads the patches as ``encoder_hidden_states``).
+
     ``require_graph``: an output without a graph (frozen parameters, nothing upstream requires grad) is replaced by an
     equal leaf that requires grad, so the target's gradient w.r.t. it exists.
     """
 
-    def __init__(self, projector, require_graph: bool = False):
+    def __init__(self, projector, input_key: str | None = None, require_graph: bool = False):
         self.projector = projector
+        self.input_key = input_key
         self.require_graph = require_graph
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self._handle = None
 
-    def _hook(self, module, args, out):
-        self.input = args[0]
+    def _hook(self, module, args, kwargs, out):
+        self.input = kwargs[self.input_key] if self.input_key else args[0]
         self.output = out if isinstance(out, torch.Tensor) else out[0]
         if self.require_graph and torch.is_grad_enabled() and not self.output.requires_grad:
             self.output = self.output.detach().requires_grad_(True)
@@ -72,7 +76,7 @@ class ProjectorIO:
         return None
 
     def __enter__(self):
-        self._handle = self.projector.register_forward_hook(self._hook)
+        self._handle = self.projector.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
@@ -106,6 +110,10 @@ def gradient_rule_q2p(projector, features: torch.Tensor, grad_out: torch.Tensor,
     total = contrib.sum(-1, keepdim=True)
     return contrib / torch.where(total > 0, total, torch.ones_like(total))
 
+
+#: Query-to-Patch rules fixed by the connector's structure (the layout carries the map); the others (gradient,
+#: Q-Former GAE) depend on the target and are computed per token.
+STRUCTURAL_RULES = ("identity", "pooling", "block", "bilinear")
 
 AUTO_GRAD_BATCH = 16
 AUTO_GRAD_BATCH_BYTES = 2 * 1024**3
@@ -226,21 +234,25 @@ class RGAE(Explainer):
             options={
                 "through_vision": bool(through_vision),
                 "projector_kind": self.adapter.projector_kind,
-                "query_to_patch_rule": self.query_to_patch_rule(through_vision),
+                "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
                 "explained_scalar": "raw logit of the target token at the predicting position",
                 "capture": capture,
                 **coverage_options(self.adapter),
+                **self._non_patch_option(result["non_patch_share"]),
             },
         )
 
-    def query_to_patch_rule(self, through_vision: bool) -> str:
-        kind = self.adapter.projector_kind
-        rule = {
-            "linear": "identity",
-            "mlp": "identity",
-            "avgpool": "pooling",
-            "qformer": "qformer_gae (mean over target tokens)",
-        }.get(kind, "gradient (mean over target tokens)")
+    @staticmethod
+    def _non_patch_option(share) -> dict:
+        """``non_patch_share``: per target token, the share of its Q-Former relevance that landed on a CLS token
+        (no pixel box: not in Text-to-Patch)."""
+        return {} if share is None else {"non_patch_share": [float(v) for v in share]}
+
+    @staticmethod
+    def query_to_patch_rule(layout, through_vision: bool) -> str:
+        rule = layout.rule
+        if rule not in STRUCTURAL_RULES:
+            rule += " (mean over target tokens)"
         return rule + (" · vit_gae" if through_vision else "")
 
     def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
@@ -252,9 +264,18 @@ class RGAE(Explainer):
         or ``"eager"`` (eager attention with every probability tensor recorded; the reference). Same maps."""
         ad = self.adapter
         kind = ad.projector_kind
-        source = relevance_source(capture, self.model, ad, through_vision)
-        needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
-        io = ProjectorIO(ad.projector, require_graph=needs_io and source.capture == "interface")
+        views, rule = len(inputs.layout.views), inputs.layout.rule
+        if through_vision and (views > 1 or rule in ("block", "bilinear") or ad.sees_image_through_cross_attention):
+            # _compose_vit composes the ViT's relevance with one view's identity/pooling map (or the Q-Former's).
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
+                f"{views} view(s) and the {rule!r} Query-to-Patch rule; propagating the vision tower is implemented "
+                "for models that see one patch grid as image tokens; use through_vision=False"
+            )
+        cross_llm = ad.sees_image_through_cross_attention
+        source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
+        needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
+        io = ProjectorIO(ad.projector, ad.projector_input, require_graph=needs_io and source.capture == "interface")
 
         with contextlib.ExitStack() as stack:
             source.enter(stack)
@@ -271,9 +292,12 @@ class RGAE(Explainer):
             image_pos = inputs.image_positions
             device = logits.device
             dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-            static_q2p = self._static_q2p(dtype, device) if kind in ("linear", "mlp", "avgpool") else None
+            layout = inputs.layout
+            static_q2p = None
+            if layout.rule in STRUCTURAL_RULES:
+                static_q2p = layout.query_to_patch.to(dtype=dtype, device=device)
 
-            t2q_rows, q2p_maps = [], []
+            t2q_rows, q2p_maps, non_patch = [], [], []
             rows = inputs.predicting_positions.tolist()
             bar = tqdm(total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False)
             batches = gradient_batches(target_logits, [*recorded, *extra], grad_batch)
@@ -281,19 +305,26 @@ class RGAE(Explainer):
                 # The Text-to-Query rows (and Q-Former / ViT maps) of a group of targets at once: the interface
                 # capture recomputes each chunk of probabilities once for the whole group.
                 maps = source.maps([rows[t] for t in targets], batch[: len(recorded)])
-                for k, (llm_row, proj_cams, r_vit) in enumerate(maps):
+                for k, (llm_out, proj_cams, r_vit) in enumerate(maps):
                     bar.update(1)
                     grads = [None if g is None else g[k] for g in batch]
-                    t2q_rows.append(llm_row[image_pos].to(dtype))
+                    if cross_llm:  # llm_out: every LLM layer's cam, for the bi-modal rules
+                        t2q = self._cross_llm_t2q(llm_out, rows[targets[k]])[image_pos].to(dtype)
+                    else:  # llm_out: the row-trick row of R
+                        t2q = llm_out[image_pos].to(dtype)
+                    t2q_rows.append(t2q)
 
                     if kind == "qformer":
-                        q2p = self._qformer_q2p(proj_cams, proj_cams, r_vit)
+                        r_qk = self._qformer_q2p(proj_cams, r_vit)
+                        q2p = r_qk[:, ad.feature_prefix :]
+                        if ad.feature_prefix:
+                            non_patch.append(self._non_patch_share(t2q, r_qk))
                     elif static_q2p is not None:
                         q2p = static_q2p
                         if r_vit is not None:
                             q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
                     elif grads[-1] is None:  # the target does not depend on the image at all
-                        q2p = torch.zeros(ad.n_queries, ad.n_patches, dtype=dtype, device=device)
+                        q2p = torch.zeros(layout.n_tokens, layout.n_patches, dtype=dtype, device=device)
                     else:
                         q2p_feat = gradient_rule_q2p(ad.projector, io.input, grads[-1]).to(dtype)
                         q2p = (self._compose_vit(q2p_feat, r_vit) if r_vit is not None
@@ -317,6 +348,7 @@ class RGAE(Explainer):
             "query_to_patch_per_token": None if q2p_stack is None else q2p_stack.detach(),
             "text_to_patch": t2p.detach(),
             "token_probs": probs,
+            "non_patch_share": torch.stack(non_patch).detach().cpu() if non_patch else None,
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
@@ -326,9 +358,6 @@ class RGAE(Explainer):
         if ad.projector_kind in ("linear", "mlp"):
             return identity_map(ad.n_features, dtype=dtype, device=device)
         return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype, device=device)
-
-    def _static_q2p(self, dtype, device) -> torch.Tensor:
-        return self._feature_q2p(dtype, device)[:, self.adapter.feature_prefix :]
 
     def _vit_rows(self) -> slice:
         ad = self.adapter
@@ -340,18 +369,46 @@ class RGAE(Explainer):
         r_bar = normalize_residual(r_vit)
         return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
 
-    def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
+    def _cross_llm_t2q(self, cams, row: int) -> torch.Tensor:
+        """Text-to-Query of an LLM that reads the image only through cross-attention layers (Mllama): the bi-modal
+        GAE rules over its layers in forward order, the text as one stream and the cross-attention keys (the
+        image's tokens) as the other, ``R_kk = I`` (:func:`rgae.rules.propagate_cross_stack`): self-attention
+        ``R_tt += cam·R_tt``, ``R_tk += cam·R_tk``; cross-attention ``R_tk += R̄_ttᵀ·cam·R̄_kk``. Row ``row`` of
+        ``R_tk`` over all keys. The transpose needs the whole ``R̄_tt``, so this costs ``O(L·S³)`` (no row trick)."""
+        kinds = self.adapter.llm_attention_kinds
+        layers = list(zip(kinds, cams))
+        n_text = cams[0].shape[-2]
+        n_keys = next(c.shape[-1] for k, c in layers if k == "cross")
+        _, r_tk = propagate_cross_stack(layers, n_text, n_keys)
+        return r_tk[row]
+
+    def _qformer_q2p(self, cams, r_vit) -> torch.Tensor:
+        """``[M, N_features]`` R_qk of the Q-Former for one target, over all its keys (a kept CLS included).
+
+        The self-attention may run over more tokens than the M queries: InstructBLIP appends the instruction's
+        tokens, which attend and are attended to but never cross-attend to the image. The stream is then the
+        queries followed by those tokens; their rows of each cross-attention map are zero (what attention they
+        do not pay contributes nothing), and only the queries' rows reach the LLM."""
         ad = self.adapter
-        layers = []
-        for (kind, _), cam, attn in zip(ad.projector_attention, cams, attentions):
-            if cam is None:
-                dt = torch.float32 if attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
-                cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
-            layers.append((kind, cam))
-        n_keys = attentions[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        layers = [(kind, cam) for (kind, _), cam in zip(ad.projector_attention, cams)]
+        n_keys = cams[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        n_stream = max([cam.shape[-1] for kind, cam in layers if kind == "self"], default=ad.n_queries)
+        if n_stream < ad.n_queries:
+            raise ValueError(f"the Q-Former's self-attention covers {n_stream} tokens, fewer than its "
+                             f"{ad.n_queries} queries")
+        for i, (kind, cam) in enumerate(layers):
+            if kind == "cross" and cam.shape[-2] < n_stream:
+                layers[i] = (kind, torch.cat([cam, cam.new_zeros(n_stream - cam.shape[-2], cam.shape[-1])]))
         r_kk = None
         if r_vit is not None:
             rows = self._vit_rows()
             r_kk = r_vit[rows, rows]
-        _, r_qk = propagate_cross_stack(layers, ad.n_queries, n_keys, R_kk=r_kk)
-        return r_qk[:, ad.feature_prefix :]
+        _, r_qk = propagate_cross_stack(layers, n_stream, n_keys, R_kk=r_kk)
+        return r_qk[: ad.n_queries]
+
+    def _non_patch_share(self, t2q: torch.Tensor, r_qk: torch.Tensor) -> torch.Tensor:
+        """The share of ``T2Q · R_qk`` on the projector's non-patch inputs (a CLS the Q-Former reads), which have
+        no pixel box and are left out of Text-to-Patch (0 when the token has no image relevance at all)."""
+        full = t2q.to(r_qk.dtype) @ r_qk
+        total = full.sum()
+        return full[: self.adapter.feature_prefix].sum() / total if total > 0 else total.new_zeros(())

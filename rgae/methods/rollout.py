@@ -37,6 +37,12 @@ class AttentionRollout(AttentionForward):
             raise TypeError(f"unknown AttentionRollout options: {sorted(unknown)} (known: heads, residual, capture)")
         if not 0.0 <= float(residual) <= 1.0:
             raise ValueError(f"residual must be in [0, 1], got {residual}")
+        if self.adapter.sees_image_through_cross_attention:
+            raise ValueError(
+                f"attention rollout is not defined for {type(self.model).__name__}: its LLM reads the image through "
+                "cross-attention layers (no image tokens in its sequence), and rollout multiplies self-attention "
+                "maps only; use RGAE (bi-modal rules) or RawAttention (a cross-attention layer)"
+            )
         rows = inputs.predicting_positions
         if check_capture(capture) == "eager":
             logits, llm_attn, proj_attn = self.record(inputs)
@@ -54,7 +60,7 @@ class AttentionRollout(AttentionForward):
                 v = rollout_step(v, layer.blocks, heads=idx, residual=float(residual))
             proj_attn = self.projector_probabilities(proj_layers)
         t2q = v[:, inputs.image_positions]
-        q2p = self.geometric_q2p(proj_attn).to(t2q.device, t2q.dtype)
+        q2p = self.geometric_q2p(inputs, proj_attn).to(t2q.device, t2q.dtype)
         return self.pack(
             inputs, text_to_patch=t2q @ q2p, token_probs=self._probs, text_to_query=t2q,
             query_to_patch=q2p, options={"heads": heads, "residual": float(residual), "capture": capture,

@@ -1,8 +1,9 @@
 """An interactive explorer: a self-contained HTML page where hovering or clicking a word shows where the model looked.
 
 The page needs no server and no network (no CDN, no external fonts, no requests): the maps are embedded as small
-grayscale PNGs of colormap indices, computed by the project's own overlay code (:func:`~rgae.viz.overlay.upsample`,
-:func:`~rgae.viz.overlay.normalize_map` and the colormap of :func:`~rgae.viz.overlay.colorize`), and a short inline
+grayscale PNGs of colormap indices, computed by the project's own code (the figures' rendering of a map over the
+original image through its layout, :func:`~rgae.viz.overlay.normalize_map` and the colormap of
+:func:`~rgae.viz.overlay.colorize`), and a short inline
 script colours and blends them exactly as :func:`~rgae.viz.overlay.overlay` does. It works the same in a notebook cell
 (``Explanation._repr_html_``), attached to an e-mail, or opened from a cluster's file system.
 
@@ -45,22 +46,23 @@ from typing import Any
 
 import numpy as np
 
-from rgae.viz.figures import _background, _resolve_query_grid
-from rgae.viz.overlay import colorize, normalize_map, to_numpy_map, upsample
+from rgae.viz.figures import _background, _display_map, _resolve_query_grid
+from rgae.viz.overlay import colorize, normalize_map, to_numpy_map
 
 _LUT_SIZE = 256  # colormap entries; a map value u in [0, 1] shows entry min(floor(u * 256), 255), as matplotlib does
 DEFAULT_DISPLAY_PX = 336
 
 
 # ---- the one place where an explanation + a selection becomes a map over the displayed image -------------------------
-def selection_map(expl, word: int | None = None, token: int | None = None) -> np.ndarray:
+def selection_map(expl, word: int | None = None, token: int | None = None,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
     """The 2-D relevance map that the explorer shows over :func:`display_image` for one selection.
 
-    ``word=None, token=None`` is the sentence map. Today this is the Text-to-Patch map on the patch grid
-    (``[grid_h, grid_w]``, upsampled bilinearly to the display size); a map over the original image (for tiled models)
-    plugs in here, together with :func:`display_image`.
+    ``word=None, token=None`` is the sentence map. It is what the figures draw: the Text-to-Patch map rendered over
+    the original image by the explanation's layout (every view, tiles included), smoothed bilinearly, at ``size``
+    (default: the image's size).
     """
-    return to_numpy_map(expl.patch_map(token=token, word=word))
+    return _display_map(expl, expl.patch_values(token=token, word=word), "bilinear", size=size)
 
 
 def display_image(expl, display_px: int = DEFAULT_DISPLAY_PX) -> np.ndarray:
@@ -130,17 +132,41 @@ def _panel_data(expl, images: dict, display_px: int) -> dict:
     images[key] = uri
     h, w = base.shape[:2]
     selections = [None, *range(len(expl.words))]
-    maps = [selection_map(expl, word=s) for s in selections]
-    t2i = {"png": [_png_uri(_lut_indices(upsample(normalize_map(m), (h, w), "bilinear"))) for m in maps],
+    maps = [selection_map(expl, word=s, size=(h, w)) for s in selections]
+    if not all(np.isfinite(m).all() for m in maps):
+        raise ValueError("the explanation's Text-to-Patch map holds NaN or infinity: nothing to show")
+    t2i = {"png": [_png_uri(_lut_indices(normalize_map(m))) for m in maps],
            "lo": _floats([m.min() for m in maps]), "hi": _floats([m.max() for m in maps])}
-    panel: dict = {"image": key, "size": [h, w], "grid": list(expl.patch_grid), "t2i": t2i}
+    panel: dict = {"image": key, "size": [h, w], "views": _view_boxes(expl.image_layout, (h, w)), "t2i": t2i}
     if expl.text_to_query is not None:
         qh, qw = _resolve_query_grid(expl)
         t2q = np.stack([to_numpy_map(expl.query_values(word=s)[None, :])[0] for s in selections])
         panel["t2q"] = {**_rows(t2q), "grid": [qh, qw]}
         if expl.query_to_patch is not None:
-            panel["q2p"] = _rows(to_numpy_map(expl.query_to_patch))
+            q2p = to_numpy_map(expl.query_to_patch)
+            panel["q2p"] = {**_rows(q2p), "view": _query_views(expl.image_layout, q2p)}
     return panel
+
+
+def _view_boxes(layout, size: tuple[int, int]) -> list[list[float]]:
+    """Per view ``[x0, y0, x1, y1, rows, cols, first patch]`` in display pixels: where the page draws a query's
+    Query-to-Patch row (each display pixel takes the value of the patch of that view under it)."""
+    (height, width), (h, w) = layout.image_size, size
+    out, first = [], 0
+    for view in layout.views:
+        x0, y0, x1, y1 = view.box
+        rows, cols = view.grid
+        out.append([x0 * w / width, y0 * h / height, x1 * w / width, y1 * h / height, rows, cols, first])
+        first += rows * cols
+    return out
+
+
+def _query_views(layout, q2p: np.ndarray) -> list[int]:
+    """Per query, the view holding most of its Query-to-Patch mass: every connector here maps a query into one view
+    (a tile's tokens read that tile), and the page draws the query over that view's box."""
+    bounds = np.cumsum([0] + [rows * cols for rows, cols in (v.grid for v in layout.views)])
+    mass = np.stack([np.abs(q2p[:, a:b]).sum(axis=1) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+    return [int(v) for v in mass.argmax(axis=1)]
 
 
 def _e(text: Any) -> str:
@@ -189,7 +215,8 @@ def _panel_html(index: int, label: str, expl, panel: dict) -> str:
     caption = "token probabilities (teacher-forced)" if probs is not None else "tokens (no probabilities recorded)"
     parts.append(f'<div class="rx-tokens" title="{caption}">{"".join(tokens)}</div>')
     meta = [("method", expl.method), ("model", expl.model_name), ("projector", expl.projector_type),
-            ("patch grid", "×".join(map(str, expl.patch_grid))),
+            ("patch grid", "×".join(map(str, expl.patch_grid)) if expl.patch_grid is not None
+             else f"{len(expl.image_layout.views)} views, {expl.n_patches} patches"),
             ("query grid", "×".join(map(str, panel["t2q"]["grid"])) if "t2q" in panel else None),
             ("target", expl.target_text), ("prompt", expl.prompt)]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta if v is not None)
@@ -619,16 +646,23 @@ _JS = r"""
   }
 
   Explorer.prototype.setupPanel = function (p, base) {
-    var h = p.size[0], w = p.size[1], gh = p.grid[0], gw = p.grid[1];
+    var h = p.size[0], w = p.size[1];
     p.base = base;
     p.t2iCanvas = p.el.querySelector(".rx-t2i");
     p.t2iOut = p.t2iCanvas.getContext("2d").createImageData(w, h);
     if (p.q2p) {
-      // Nearest-patch lookup of each display pixel, with rgae.viz.overlay's integer rule: pixel x -> floor(x*gw/w).
-      p.patchOf = new Int32Array(w * h);
-      for (var y = 0; y < h; y++) for (var x = 0; x < w; x++) {
-        p.patchOf[y * w + x] = Math.floor(y * gh / h) * gw + Math.floor(x * gw / w);
-      }
+      // Per view, the patch under each display pixel (-1 outside the view's box), with rgae.viz.overlay's integer
+      // rule: pixel x -> floor((x - x0) * cols / (x1 - x0)).
+      p.patchOf = p.views.map(function (v) {
+        var x0 = v[0], y0 = v[1], bw = v[2] - v[0], bh = v[3] - v[1], rows = v[4], cols = v[5], first = v[6];
+        var out = new Int32Array(w * h);
+        for (var y = 0; y < h; y++) for (var x = 0; x < w; x++) {
+          var r = Math.floor((y - y0) * rows / bh), c = Math.floor((x - x0) * cols / bw);
+          out[y * w + x] = (r >= 0 && r < rows && c >= 0 && c < cols) ? first + r * cols + c : -1;
+        }
+        return out;
+      });
+      p.nPatches = p.views.reduce(function (n, v) { return n + v[4] * v[5]; }, 0);
       p.q2iCanvas = p.el.querySelector(".rx-q2i");
       p.q2iOut = p.q2iCanvas.getContext("2d").createImageData(w, h);
       p.q2iIdx = new Uint8Array(w * h);
@@ -753,8 +787,8 @@ _JS = r"""
         if (st.shared) self.colorbar(p, "t2q", p.t2q.range[0], p.t2q.range[1], "the sentence and every word");
         else self.colorbar(p, "t2q", p.t2q.lo[sel], p.t2q.hi[sel]);
         if (p.q2p) {
-          var n = p.grid[0] * p.grid[1], qrow = p.q2pIdx.v.subarray(q * n, q * n + n);
-          for (var j = 0; j < p.patchOf.length; j++) p.q2iIdx[j] = qrow[p.patchOf[j]];
+          var n = p.nPatches, qrow = p.q2pIdx.v.subarray(q * n, q * n + n), under = p.patchOf[p.q2p.view[q]];
+          for (var j = 0; j < under.length; j++) p.q2iIdx[j] = under[j] < 0 ? 0 : qrow[under[j]];
           self.blend(p.base, p.q2iOut, p.q2iIdx, st.shared ? remap(p.q2p.lo[q], p.q2p.hi[q], p.q2p.range) : IDENTITY);
           p.q2iCanvas.getContext("2d").putImageData(p.q2iOut, 0, 0);
           var how = want === null ? " (the selection's top query)" : want < m ? "" : " (query " + want +

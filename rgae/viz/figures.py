@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from rgae.viz.overlay import colorize, crop_to_box, normalize_map, overlay, to_numpy_map, upsample
 
@@ -123,20 +124,33 @@ def _short(word: str, max_chars: int = 16) -> str:
 
 
 def _background(expl) -> np.ndarray:
-    """The image the model saw, or a neutral gray canvas when the explanation carries none."""
+    """The original image, or a neutral gray canvas of its size when the explanation carries none."""
     if expl.image is not None:
         from rgae.viz.overlay import to_rgb_image
 
         return to_rgb_image(np.asarray(expl.image))
-    gh, gw = expl.patch_grid
-    return np.full((gh * _DEFAULT_PATCH_PX, gw * _DEFAULT_PATCH_PX, 3), 200, np.uint8)
+    h, w = expl.image_layout.image_size
+    scale = _DEFAULT_PATCH_PX if expl.layout is None else 1
+    return np.full((h * scale, w * scale, 3), 200, np.uint8)
 
 
 def _content_box(expl, crop_to_content: bool):
-    # Without the model-seen image the background is a stand-in canvas whose pixels the box does not refer to.
-    if not crop_to_content or expl.content_box is None or expl.image is None:
-        return None
-    return expl.content_box
+    # Maps are drawn over the original image (Explanation.image_map warps every view back to it), so there is no
+    # padding left to crop; the argument stays for callers of the earlier API.
+    return None
+
+
+def _display_map(expl, values, interpolation: str = "bilinear", size: tuple[int, int] | None = None) -> np.ndarray:
+    """``[..., H, W]`` per-patch maps ``[..., N]`` drawn over the background (or at ``size``): the layout's rendering,
+    smoothed for ``"bilinear"``, in units of relevance per patch of the first view, so a single-grid model's
+    colorbar shows its Text-to-Patch values."""
+    layout = expl.image_layout
+    if size is None:
+        size = _background(expl).shape[:2]
+    rendered = layout.render(torch.as_tensor(values), smooth=interpolation != "nearest", size=size).numpy()
+    (x0, y0, x1, y1), (rows, cols) = layout.views[0].box, layout.views[0].grid
+    scale_y, scale_x = size[0] / layout.image_size[0], size[1] / layout.image_size[1]
+    return rendered * ((x1 - x0) * scale_x / cols) * ((y1 - y0) * scale_y / rows)
 
 
 def _hide_ticks(ax) -> None:
@@ -173,15 +187,18 @@ def _require_q2p(expl, what: str) -> None:
         )
 
 
-def _select_map(expl, word: int | str | None, token: int | None) -> tuple[np.ndarray, str]:
+def _select_map(expl, word: int | str | None, token: int | None,
+                interpolation: str = "bilinear") -> tuple[np.ndarray, str]:
     if word is not None and token is not None:
         raise ValueError("give word= or token=, not both")
+    values = expl.patch_values(token=token, word=word)
     if token is not None:
-        return to_numpy_map(expl.patch_map(token=token)), f"token “{_escape(expl.output_tokens[token])}”"
-    if word is not None:
-        label = expl.words[word] if isinstance(word, int) else word
-        return to_numpy_map(expl.patch_map(word=word)), f"word “{_escape(label)}”"
-    return to_numpy_map(expl.patch_map()), "sentence"
+        label = f"token “{_escape(expl.output_tokens[token])}”"
+    elif word is not None:
+        label = f"word “{_escape(expl.words[word] if isinstance(word, int) else word)}”"
+    else:
+        label = "sentence"
+    return _display_map(expl, values, interpolation), label
 
 
 def _colorbar(fig, axes, cmap, lo: float, hi: float, label: str, orientation: str = "vertical", **kw):
@@ -224,7 +241,7 @@ def _draw_text_to_image(
     ax, expl, word=None, token=None, alpha=0.5, cmap="jet", interpolation="bilinear", normalize="per_map",
     vmin=None, vmax=None, crop_to_content=False,
 ) -> tuple[float, float]:
-    patch_map, _ = _select_map(expl, word, token)
+    patch_map, _ = _select_map(expl, word, token, interpolation)
     if normalize == "global" and (vmin is None or vmax is None):
         vmin, vmax = float(patch_map.min()), float(patch_map.max())
     kwargs = {"vmin": vmin, "vmax": vmax} if normalize == "global" else {}
@@ -355,7 +372,7 @@ def query_mosaic(
             max(min(round(box[2] * scale), full_w), int(box[0] * scale) + 1),
             max(min(round(box[3] * scale), full_h), int(box[1] * scale) + 1),
         )
-    maps = to_numpy_map(q2p.reshape(m, -1), name="query_to_patch").reshape(m, *expl.patch_grid)
+    maps = _display_map(expl, q2p.reshape(m, -1), interpolation, size=small.shape[:2])
     kwargs = {}
     if normalize == "global":
         kwargs = {"vmin": float(maps.min()), "vmax": float(maps.max())}
@@ -527,7 +544,7 @@ def plot_words(
     panels: list[int | None] = ([None] if include_sentence else []) + chosen
     if not panels:
         raise ValueError("nothing to plot: no words selected and include_sentence=False")
-    maps = [to_numpy_map(expl.patch_map(word=w) if w is not None else expl.patch_map()) for w in panels]
+    maps = [_select_map(expl, w, None, interpolation)[0] for w in panels]
     vmin = float(min(m.min() for m in maps)) if normalize == "global" else None
     vmax = float(max(m.max() for m in maps)) if normalize == "global" else None
     # Balanced rows: 6 panels with at most 5 columns are 2×3, not 5 + an orphan.
@@ -751,11 +768,9 @@ def plot_comparison(
         raise ValueError("no words to compare")
 
     def cell_map(e, word):
-        if word is None:
-            return to_numpy_map(e.patch_map())
-        if word not in e.words:
+        if word is not None and word not in e.words:
             return None
-        return to_numpy_map(e.patch_map(word=word))
+        return _select_map(e, word, None, interpolation)[0]
 
     maps = [[cell_map(e, w) for w in columns] for e in expls]
     present = [m for row in maps for m in row if m is not None]
