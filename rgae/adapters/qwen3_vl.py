@@ -36,7 +36,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     deepstack_layers: tuple[int, ...] = ()
 
-    def patch_tokens(self, layout, inputs):
+    def patch_tokens(self, layout, inputs=None):
         if self.deepstack_layers:
             raise ValueError(
                 f"through_vision=True is not supported for {type(self.model).__name__} with DeepStack: the features "

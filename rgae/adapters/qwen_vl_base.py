@@ -138,6 +138,13 @@ class QwenVLAdapter(ModelAdapter):
         view = View("image", (h, w), whole_image_box(image_size))
         return image_layout(image_size, [view], torch.arange(start, stop), q2p, query_grid=(rows, cols))
 
+    def image_layouts(self, processor, batch, image_sizes):
+        """One layout per image of the prompt (they are packed into one vision sequence, in prompt order)."""
+        n = self.grids(batch).shape[0]
+        if len(image_sizes) != n:
+            raise ValueError(f"{len(image_sizes)} image size(s) for the processor's {n} image grid(s)")
+        return [self.layout(processor, batch, size, image_index=i) for i, size in enumerate(image_sizes)]
+
     def model_inputs(self, batch) -> dict[str, torch.Tensor]:
         """The processor's tensors; ``mm_token_type_ids`` (which the forward requires for M-RoPE) is made from the
         image tokens when a processor did not return it."""
@@ -162,11 +169,16 @@ class QwenVLAdapter(ModelAdapter):
         sequence (the identity; Qwen2.5-VL reorders it by window)."""
         return torch.arange(int(grids.prod(-1).sum()))
 
-    def patch_tokens(self, layout, inputs) -> torch.Tensor:
+    def patch_tokens(self, layout, inputs=None) -> torch.Tensor:
         """``[N]`` long: for every patch of ``layout`` (row-major), the index of its token in the vision tower's
-        attention sequence (all images of the prompt packed, in the order the attention modules see them)."""
-        grids = self.grids(inputs.extra)
-        index = self.image_index(layout, inputs)
+        attention sequence: all images of the prompt packed (``inputs``, the explainer's prepared inputs, say which
+        and where the layout's is; without them the layout's image is the only one), in the order the attention
+        modules see them."""
+        if inputs is None:
+            (h, w), = (view.grid for view in layout.views)
+            grids, index = torch.tensor([[1, h, w]]), 0
+        else:
+            grids, index = self.grids(inputs.extra), self.image_index(layout, inputs)
         offset = int(grids[:index].prod(-1).sum())
         order = self.sequence_order(grids[index])  # sequence token -> raster patch
         raster_to_sequence = torch.empty_like(order)

@@ -276,7 +276,7 @@ class RGAE(Explainer):
                    else f" with {ad.feature_prefix} non-patch feature(s) entering the connector")
                 + "; use through_vision=False"
             )
-        patch_tokens = ad.patch_tokens(inputs.layout) if through_layout else None
+        patch_tokens = ad.patch_tokens(inputs.layout, inputs) if through_layout else None
         cross_llm = ad.sees_image_through_cross_attention
         source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
         needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
