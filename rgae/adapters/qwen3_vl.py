@@ -37,6 +37,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     deepstack_layers: tuple[int, ...] = ()
 
     def patch_tokens(self, layout, inputs=None):
+        """:meth:`vision_tokens` for ``through_vision``, which is refused for a model with DeepStack layers."""
         if self.deepstack_layers:
             raise ValueError(
                 f"through_vision=True is not supported for {type(self.model).__name__} with DeepStack: the features "

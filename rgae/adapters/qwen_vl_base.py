@@ -16,7 +16,7 @@ vision attention.
 * **Packed vision attention.** All images of a call form one vision sequence that each attention module splits by
   ``cu_seqlens``, calling the attention function once per image (per window for Qwen2.5-VL) unless it runs flash
   attention's varlen kernel; the modules return no probabilities at all, even in eager mode, so ``through_vision``
-  reads them from the attention-interface capture (a block-diagonal layer). :meth:`QwenVLAdapter.patch_tokens` says
+  reads them from the attention-interface capture (a block-diagonal layer). :meth:`QwenVLAdapter.vision_tokens` says
   where every layout patch sits in that sequence.
 * ``mm_token_type_ids`` (1 at image tokens) is required by the forward to build M-RoPE positions; the processor
   returns it and the explainer extends it with 0 (text) over the target.
@@ -170,6 +170,10 @@ class QwenVLAdapter(ModelAdapter):
         return torch.arange(int(grids.prod(-1).sum()))
 
     def patch_tokens(self, layout, inputs=None) -> torch.Tensor:
+        """The tower tokens ``through_vision`` composes with: :meth:`vision_tokens`."""
+        return self.vision_tokens(layout, inputs)
+
+    def vision_tokens(self, layout, inputs=None) -> torch.Tensor:
         """``[N]`` long: for every patch of ``layout`` (row-major), the index of its token in the vision tower's
         attention sequence: all images of the prompt packed (``inputs``, the explainer's prepared inputs, say which
         and where the layout's is; without them the layout's image is the only one), in the order the attention

@@ -39,8 +39,9 @@ CHAT_TEMPLATE = (
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
-#: Tokens a random model must not generate (an image token in the target would be taken for an image).
-NOT_GENERATED = SPECIALS[4:]
+#: Tokens a random model must not generate (an image token in the target would be taken for an image; padding
+#: would end the answer).
+NOT_GENERATED = ["<|endoftext|>", *SPECIALS[4:]]
 WORDS = "user assistant system"
 
 
@@ -77,6 +78,7 @@ def _finish(model, tok, dtype):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.suppress_tokens = tok.convert_tokens_to_ids(NOT_GENERATED)
+    model.generation_config.min_new_tokens = 1  # a random model may end at once: there would be nothing to explain
     return model
 
 
