@@ -42,7 +42,7 @@ from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, examp
 from rgae.adapters.tiling import whole_image_box
 from rgae.layout import View
 
-__all__ = ["QwenVLAdapter", "merge_block_order", "qwen_vl_fields"]
+__all__ = ["QwenVLAdapter", "image_text_processor", "merge_block_order", "qwen_vl_fields"]
 
 
 def _modeling_module(vision_tower: nn.Module):
@@ -188,6 +188,33 @@ class QwenVLAdapter(ModelAdapter):
         raster_to_sequence = torch.empty_like(order)
         raster_to_sequence[order] = torch.arange(order.numel())
         return self.attention_order(grids)[offset + raster_to_sequence]
+
+
+def image_text_processor(processor_class, image_processor, tokenizer, chat_template: str | None = None):
+    """A Qwen-VL processor (an instance of a subclass of ``processor_class``: ``Qwen2VLProcessor``,
+    ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``) built without a video processor.
+
+    Their ``__init__`` takes one, and the Qwen video processors need torchvision, which rgae does not install
+    (``AutoProcessor.from_pretrained`` fails without it). The subclass only leaves the video processor out of the
+    signature ``ProcessorMixin`` reads its parts from; everything else (``__call__``, the image-token expansion,
+    ``mm_token_type_ids``) is the processor's own code. Videos cannot be processed by it.
+
+    Example (a checkpoint's parts: the PIL image processor and the tokenizer load without torchvision):
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        >>> from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+        >>> processor = image_text_processor(Qwen2VLProcessor, Qwen2VLImageProcessorPil.from_pretrained(path),
+        ...                                  AutoTokenizer.from_pretrained(path))  # doctest: +SKIP
+    """
+
+    class ImageTextProcessor(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = f"{processor_class.__name__}WithoutVideo"
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None)
+    return ImageTextProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
 def _packing_stand_in(merger: nn.Module, merge: int) -> SimpleNamespace:

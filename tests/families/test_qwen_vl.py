@@ -300,3 +300,11 @@ def test_planted_region_lights_up(name):
     e = check_planted(RGAE(model, processor), planted_image(h, w, region), region, patch, "bicubic")
     cols = w // block
     assert torch.nonzero(e.text_to_query.mean(0)).flatten().tolist() == [cols + 1]
+
+
+def test_docstring_examples():
+    import rgae.adapters.qwen_vl_base
+    import tests.families.tiny_qwen_vl
+    from tests.families.layout_probes import run_doctests
+
+    run_doctests(rgae.adapters.qwen_vl_base, tests.families.tiny_qwen_vl)

@@ -2,10 +2,10 @@
 ``Qwen3VLForConditionalGeneration`` with their processors, built offline.
 
 The real processors (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``) take a video processor,
-and the Qwen video processors need torchvision: :func:`image_text_processor` makes a subclass of the family's own
-processor class whose ``__init__`` takes no video processor, so everything else — ``__call__``, the image-token
-expansion of ``replace_image_token`` (``image_grid_thw.prod() // merge_size²`` ``<|image_pad|>`` tokens),
-``mm_token_type_ids`` — is the processor's own code. The image processor is the real
+and the Qwen video processors need torchvision: :func:`rgae.adapters.qwen_vl_base.image_text_processor` makes a
+subclass of the family's own processor class whose ``__init__`` takes no video processor, so everything else —
+``__call__``, the image-token expansion of ``replace_image_token`` (``image_grid_thw.prod() // merge_size²``
+``<|image_pad|>`` tokens), ``mm_token_type_ids`` — is the processor's own code. The image processor is the real
 ``Qwen2VLImageProcessorPil`` (Qwen3-VL uses it too, with 16-px patches) and the tokenizer a word-level one built in
 memory with Qwen's special tokens and a minimal ChatML template.
 
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from rgae.adapters.qwen_vl_base import image_text_processor
 from tests.families.word_tokenizer import word_tokenizer
 from tests.tiny import tiny_image
 
-__all__ = ["MESSAGES", "SPECIALS", "image_text_processor", "tiny_image", "tiny_qwen2_5_vl", "tiny_qwen2_vl",
+__all__ = ["MESSAGES", "SPECIALS", "tiny_image", "tiny_qwen2_5_vl", "tiny_qwen2_vl",
            "tiny_qwen3_vl"]
 
 CHAT_TEMPLATE = (
@@ -51,19 +52,6 @@ def qwen_tokenizer():
         named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     )
-
-
-def image_text_processor(processor_class, image_processor, tokenizer, chat_template: str = CHAT_TEMPLATE):
-    """An instance of a subclass of ``processor_class`` (a Qwen-VL processor) without a video processor (module
-    docs say why)."""
-
-    class ImageTextProcessor(processor_class):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            # ProcessorMixin reads the sub-processors from this signature: the video processor is left out.
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = f"{processor_class.__name__}WithoutVideo"
-    return ImageTextProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
 def _image_processor(patch: int, min_pixels: int, max_pixels: int, **kwargs):
@@ -109,7 +97,8 @@ def tiny_qwen2_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, visi
 
     tok = qwen_tokenizer()
     processor = image_text_processor(Qwen2VLProcessor, _image_processor(14, 28 * 28, max_pixels,
-                                                                        **(processor_kwargs or {})), tok)
+                                                                        **(processor_kwargs or {})), tok,
+                                     CHAT_TEMPLATE)
     config = Qwen2VLConfig(
         vision_config=dict(depth=vision_layers, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
@@ -131,7 +120,8 @@ def tiny_qwen2_5_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, vi
 
     tok = qwen_tokenizer()
     processor = image_text_processor(Qwen2_5_VLProcessor, _image_processor(14, 28 * 28, max_pixels,
-                                                                           **(processor_kwargs or {})), tok)
+                                                                           **(processor_kwargs or {})), tok,
+                                     CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
         vision_config=dict(depth=vision_layers, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
@@ -155,7 +145,7 @@ def tiny_qwen3_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, visi
     tok = qwen_tokenizer()
     image_processor = _image_processor(16, 32 * 32, max_pixels, **{"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                                                                      **(processor_kwargs or {})})
-    processor = image_text_processor(Qwen3VLProcessor, image_processor, tok)
+    processor = image_text_processor(Qwen3VLProcessor, image_processor, tok, CHAT_TEMPLATE)
     config = Qwen3VLConfig(
         vision_config=dict(depth=vision_layers, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
