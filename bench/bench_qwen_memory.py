@@ -44,12 +44,6 @@ PARTS = ("floor", "interface", "eager")
 IMAGE_WH = (1024, 768)
 TARGET_WORDS = 16
 VOCAB = 32000
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def build():
@@ -63,6 +57,7 @@ def build():
 
     from rgae.adapters.qwen_vl_base import image_text_processor
     from rgae.methods import RGAE
+    from tests.families.tiny_qwen_vl import CHAT_TEMPLATE  # a minimal ChatML template with Qwen's vision tokens
 
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]

@@ -308,3 +308,16 @@ def test_docstring_examples():
     from tests.families.layout_probes import run_doctests
 
     run_doctests(rgae.adapters.qwen_vl_base, tests.families.tiny_qwen_vl)
+
+
+def test_the_baselines_read_the_layout_or_say_they_cannot():
+    import rgae
+
+    model, processor = tiny_qwen2_vl()
+    image = tiny_image(56, 84)
+    for cls in (rgae.RawAttention, rgae.AttentionRollout):
+        e = cls(model, processor).attribute(image, target="a red circle")
+        assert e.image_map().shape == (56, 84) and float(e.text_to_patch.sum()) > 0
+    for cls in (rgae.GradCAM, rgae.Occlusion):
+        with pytest.raises(ValueError, match="not supported yet for Qwen2VLForConditionalGeneration"):
+            cls(model, processor).attribute(image, target="a")
