@@ -153,6 +153,11 @@ class QwenVLAdapter(ModelAdapter):
             inputs["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
         return inputs
 
+    def describe(self) -> dict:
+        # The grids are per image (image_grid_thw): the fixed ones of the dataclass are one merge block.
+        return {**super().describe(), "patch_grid": "per image (image_grid_thw)",
+                "query_grid": "per image (image_grid_thw / merge_size)", "merge_size": self.merge_size}
+
     # ---- through_vision ------------------------------------------------------------------------------------------
     def image_index(self, layout, inputs) -> int:
         """Which image of the prompt ``layout`` describes (the run of image tokens its positions start)."""

@@ -166,6 +166,11 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
     assert e.text_to_query.shape == (3, layout.n_tokens) and e.query_map(token=0).shape == layout.query_grid
     assert e.options["query_to_patch_rule"] == "block"
     assert save_figures(e, tmp_path, dpi=50, words=False)
+    from rgae import Explanation
+
+    loaded = Explanation.load(e.save(tmp_path / "explanation"))
+    assert loaded.layout.views == layout.views and torch.allclose(loaded.image_map(), e.image_map())
+    assert explainer.adapter.describe()["patch_grid"] == "per image (image_grid_thw)"
     generated = explainer.attribute(image, max_new_tokens=3)
     assert generated.image_map().shape == sizes[1] and 1 <= len(generated.output_tokens) <= 3
 
