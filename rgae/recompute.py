@@ -276,10 +276,12 @@ class Workspace:
     """Scratch buffers reused across the chunks of a loop: fresh memory costs a page fault per page, on every chunk
     (a large share of the recompute's time on the CPU); a buffer is allocated once, at its largest size so far.
 
-    ``capacity``: the smallest size (elements) a new buffer gets, e.g. a chunk's largest ``[T, H, rows, keys]``.
+    ``capacity``: the smallest size (elements) a new buffer gets, e.g. a chunk's largest ``[T, H, rows, keys]``;
+    or per buffer name (``{"grad": T·H·rows·keys, "probs": H·rows·keys}``; other names: 0), so that a buffer whose
+    chunks never hold T targets is not sized for them.
     """
 
-    def __init__(self, capacity: int = 0):
+    def __init__(self, capacity: int | dict[str, int] = 0):
         self.capacity = capacity
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict = {}
@@ -294,9 +296,16 @@ class Workspace:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = torch.empty(max(numel, self.capacity), dtype=dtype, device=device)
+            least = self.capacity.get(name, 0) if isinstance(self.capacity, dict) else self.capacity
+            buf = torch.empty(max(numel, least), dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
+
+
+def _cam_workspace(targets: int, chunk: int) -> Workspace:
+    """The buffers of :meth:`AttentionBlock.cam` over chunks of at most ``chunk`` = ``H · rows · keys`` elements:
+    the probabilities are shared by the targets, their gradients are not."""
+    return Workspace({"logits": chunk, "probs": chunk, "grad": targets * chunk})
 
 
 def _row_index(rows: slice | torch.Tensor, device) -> torch.Tensor:
@@ -374,7 +383,7 @@ def row_trick_step(
         if span is None:
             continue
         step = max(1, int(chunk_rows))
-        ws = Workspace(v.shape[0] * block.heads * min(step, span[1] - span[0]) * block.n_k)
+        ws = _cam_workspace(v.shape[0], block.heads * min(step, span[1] - span[0]) * block.n_k)
         arranged = block.arrange(grad, v.dtype)
         for rows, c0, c1 in _chunks(block, *span, step):
             cam = block.cam(arranged, rows, c0, c1, v.dtype, scale=1.0, workspace=ws)  # 1/H goes on the weights
@@ -397,7 +406,7 @@ def layer_cam(
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
         step = max(1, int(chunk_rows))
-        ws = Workspace(grad.shape[0] * block.heads * min(step, block.n_q) * block.n_k)
+        ws = _cam_workspace(grad.shape[0], block.heads * min(step, block.n_q) * block.n_k)
         arranged = block.arrange(grad, dtype)
         for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
             out[:, block.q_offset + rows.start : block.q_offset + rows.stop,
