@@ -45,9 +45,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CHUNK_BYTES",
     "DEFAULT_CHUNK_ROWS",
     "AttentionBlock",
     "Workspace",
+    "chunk_rows_for",
     "compute_dtype",
     "layer_cam",
     "layer_probabilities",
@@ -61,6 +63,25 @@ __all__ = [
 #: in float32 is 64 MiB. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy CPU
 #: every multi-threaded operation waits for its threads to be scheduled, whatever its size.
 DEFAULT_CHUNK_ROWS = 256
+
+#: The largest ``[T, H, rows, keys]`` temporary a chunk may hold before its rows shrink below the default (not
+#: below :data:`MIN_CHUNK_ROWS`, where the per-operation cost would dominate): with 4 targets, 8 heads and 1,026
+#: keys, 256 rows made a 32 MiB temporary beside the targets' gradients, half again the extra memory of the whole
+#: explanation of a 1,024 × 768 image on a Qwen2-VL-shaped model (bench/bench_qwen_memory.py).
+CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows_for(chunk_rows: int, targets: int, heads: int, keys: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: ``chunk_rows``, fewer when a ``[targets, heads, rows, keys]`` temporary would pass
+    :data:`CHUNK_BYTES` (never fewer than :data:`MIN_CHUNK_ROWS` for that reason).
+
+    Example:
+        >>> chunk_rows_for(256, 4, 8, 512, torch.float32), chunk_rows_for(256, 4, 8, 1026, torch.float32)
+        (256, 127)
+    """
+    row_bytes = max(1, targets * heads * keys * torch.finfo(dtype).bits // 8)
+    return max(1, min(int(chunk_rows), max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -382,7 +403,7 @@ def row_trick_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = max(1, int(chunk_rows))
+        step = chunk_rows_for(chunk_rows, v.shape[0], block.heads, block.n_k, v.dtype)
         ws = _cam_workspace(v.shape[0], block.heads * min(step, span[1] - span[0]) * block.n_k)
         arranged = block.arrange(grad, v.dtype)
         for rows, c0, c1 in _chunks(block, *span, step):
@@ -405,7 +426,7 @@ def layer_cam(
     dtype = compute_dtype(ref.dtype)
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
-        step = max(1, int(chunk_rows))
+        step = chunk_rows_for(chunk_rows, grad.shape[0], block.heads, block.n_k, dtype)
         ws = _cam_workspace(grad.shape[0], block.heads * min(step, block.n_q) * block.n_k)
         arranged = block.arrange(grad, dtype)
         for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
