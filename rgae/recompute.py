@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CHUNK_BYTES",
     "DEFAULT_CHUNK_ROWS",
     "AttentionBlock",
     "Workspace",
@@ -53,14 +54,27 @@ __all__ = [
     "layer_probabilities",
     "probability_rows",
     "rollout_step",
+    "chunk_step",
     "row_trick_step",
 ]
 
-#: Query rows per chunk. A chunk's temporaries are ``[T, H, rows, keys]``, so the extra memory grows like the
-#: sequence (as a forward's activations do), never like its square: 4 targets × 8 heads × 256 rows × 2,048 keys
-#: in float32 is 64 MiB. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy CPU
-#: every multi-threaded operation waits for its threads to be scheduled, whatever its size.
+#: The most query rows per chunk. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy
+#: CPU every multi-threaded operation waits for its threads to be scheduled, whatever its size.
 DEFAULT_CHUNK_ROWS = 256
+
+#: The size a chunk's largest temporary (``[T, H, rows, keys]``) may reach: the rows per chunk shrink as targets,
+#: heads and keys grow, so the recompute's scratch memory stays fixed while a forward's activations grow with the
+#: sequence (``bench/bench_memory.py``: the capture's peak stays within 1.5× the gradient floor's at every length).
+CHUNK_BYTES = 8 * 2**20
+
+
+def chunk_step(chunk_rows: int | None, per_row: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: ``chunk_rows`` when given, else as many as fit :data:`CHUNK_BYTES` for ``per_row`` elements of
+    ``dtype`` per row (at least 8, at most :data:`DEFAULT_CHUNK_ROWS`)."""
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    fit = CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=dtype).element_size())
+    return int(min(DEFAULT_CHUNK_ROWS, max(8, fit)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -347,7 +361,7 @@ def row_trick_step(
     v: torch.Tensor,
     blocks: Sequence[AttentionBlock],
     grads: Sequence[torch.Tensor],
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """One layer of the row trick, ``v + v · cam``, with cam streamed from the recomputed attention.
 
@@ -360,7 +374,8 @@ def row_trick_step(
             (:func:`compute_dtype` of the model's).
         blocks: the layer's attention blocks (self-attention: the layer maps n tokens to n tokens).
         grads: per block ``[T, H, n_q, d_v]``, target t's gradient w.r.t. the block's per-head output.
-        chunk_rows: query rows per chunk (the temporaries are ``[T, H, chunk_rows, keys]``).
+        chunk_rows: query rows per chunk (the temporaries are ``[T, H, chunk_rows, keys]``; default: what fits
+            :data:`CHUNK_BYTES`).
 
     Returns:
         ``[T, n]``, a new tensor.
@@ -373,7 +388,7 @@ def row_trick_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = max(1, int(chunk_rows))
+        step = chunk_step(chunk_rows, v.shape[0] * block.heads * block.n_k, v.dtype)
         ws = Workspace(v.shape[0] * block.heads * min(step, span[1] - span[0]) * block.n_k)
         arranged = block.arrange(grad, v.dtype)
         for rows, c0, c1 in _chunks(block, *span, step):
@@ -388,7 +403,7 @@ def layer_cam(
     grads: Sequence[torch.Tensor],
     n_q: int,
     n_k: int,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """The full per-layer map ``[T, n_q, n_k]`` = ``mean_h (G ⊙ A)+`` of every target (zero between blocks)."""
     _check_layer(blocks, grads)
@@ -396,7 +411,7 @@ def layer_cam(
     dtype = compute_dtype(ref.dtype)
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
-        step = max(1, int(chunk_rows))
+        step = chunk_step(chunk_rows, grad.shape[0] * block.heads * block.n_k, dtype)
         ws = Workspace(grad.shape[0] * block.heads * min(step, block.n_q) * block.n_k)
         arranged = block.arrange(grad, dtype)
         for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
@@ -436,7 +451,7 @@ def rollout_step(
     blocks: Sequence[AttentionBlock],
     heads: Sequence[int] | None = None,
     residual: float = 0.5,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """One layer of attention rollout by the row trick: ``v · Â`` with ``Â = (1 - r)·mean_h A + r·I``, rows
     renormalized to 1 (``rgae.methods.rollout.rollout_layer``), streamed in row chunks.
@@ -455,7 +470,7 @@ def rollout_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = max(1, int(chunk_rows))
+        step = chunk_step(chunk_rows, block.heads * block.n_k, v.dtype)
         ws = Workspace(block.heads * min(step, span[1] - span[0]) * block.n_k)
         for rows, c0, c1 in _chunks(block, *span, step):
             r = rows.stop - rows.start

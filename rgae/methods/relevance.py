@@ -30,15 +30,16 @@ from torch import nn
 
 from rgae.attention_capture import InterfaceCapture
 from rgae.capture import AttentionRecorder, eager_attention, explain_mode
-from rgae.recompute import DEFAULT_CHUNK_ROWS, compute_dtype, layer_cam, row_trick_step
+from rgae.recompute import compute_dtype, layer_cam, row_trick_step
 from rgae.rules import propagate, propagate_rows
 
 CAPTURES = ("interface", "eager")
 
 #: Targets whose gradients (w.r.t. the recorded attention outputs: one set is the size of those outputs, about a
 #: tenth of a forward's saved activations) the interface capture gathers before recomputing the probabilities once
-#: for all of them: the recompute costs about half as much per target as with one, for three extra sets held.
-GROUP_TARGETS = 4
+#: for all of them: each chunk of probabilities serves two targets, for one extra set held (four would hold three
+#: extra sets, which with q, k, v kept takes the peak past 1.5× the gradient floor's; bench/bench_memory.py).
+GROUP_TARGETS = 2
 
 
 def check_capture(capture) -> str:
@@ -171,7 +172,7 @@ class InterfaceRelevance:
     capture = "interface"
 
     def __init__(self, model: nn.Module, adapter, through_vision: bool, full_llm_cams: bool = False,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                 chunk_rows: int | None = None):
         self.model = model
         self.through_vision = through_vision
         self.full_llm_cams = full_llm_cams
