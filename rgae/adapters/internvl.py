@@ -60,6 +60,12 @@ class InternVLAdapter(CropToPatchesAdapter):
         packed = inner.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return blocks_from_packed(packed.reshape(1, -1, packed.shape[-1]), rows * cols)
 
+    def connector_patch_rows(self, layout):
+        """The projector's input is ``[views, tokens, s²·C]`` (after the model's ``pixel_shuffle``): row
+        ``(view, token, j)``, the ``j``-th ``C``-channel slice of a token, is the ``j``-th patch of its block."""
+        blocks = self.token_blocks().flatten()
+        return torch.cat([layout.view_slice(v).start + blocks for v in range(len(layout.views))])
+
     def layout(self, processor, batch, image_size):
         tiles = tuple(batch["pixel_values"].shape[-2:])
         expected = tuple(_as_hw(self.model.config.vision_config.image_size))
