@@ -64,6 +64,12 @@ class MllamaAdapter(ModelAdapter):
             )
         return (rows, cols), (int(new_h), int(new_w)), tile
 
+    def connector_patch_rows(self, layout):
+        """The projector's input rows are the cross-attention keys (tiles × (CLS + patches)): key k is the patch
+        its identity Query-to-Patch row names, ``-1`` for CLS tokens and padding tiles."""
+        q2p = layout.query_to_patch
+        return torch.where(q2p.any(1), q2p.argmax(1), torch.full((q2p.shape[0],), -1))
+
     def layout(self, processor, batch, image_size: tuple[int, int]) -> ImageLayout:
         (rows, cols), (new_h, new_w), tile = self.tiling(processor, batch, image_size)
         h, w = image_size

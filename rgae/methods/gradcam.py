@@ -11,6 +11,12 @@ everywhere with the objects as dips, so min–max display drew the background ho
 "inverted" look). Centering removes only that location-independent constant; the differences between patches are
 Grad-CAM's own. ``center=False`` computes the uncentered original.
 
+Models that see the image as several views (tiles, a thumbnail or global image, anyres base + tiles): every view is
+one feature map of the vision tower, so each gets its own channel weights and centering, over its own patches
+(:meth:`~rgae.adapters.ModelAdapter.connector_patch_rows` says which rows of the connector's input are which layout
+patch; a kept CLS token and padding rows are left out). The maps are on the layout's patches, so
+``Explanation.image_map`` draws them over the original image, every view warped to its region.
+
 Example:
     >>> from rgae.methods import GradCAM
     >>> GradCAM(model, processor).attribute(image, target="a cat").patch_map().shape  # doctest: +SKIP
@@ -28,13 +34,15 @@ from rgae.methods.rgae import ProjectorIO
 
 
 class GradCAM(Explainer):
-    """``attribute(image, target=None, prompt=None, center=True)``: per-token Grad-CAM maps ``[T, N]``."""
+    """``attribute(image, target=None, prompt=None, center=True)``: per-token Grad-CAM maps ``[T, N]`` (N: the
+    patches of every view)."""
 
     method = "gradcam"
 
     def _attribute(self, inputs: PreparedInputs, center: bool = True, **unknown):
         if unknown:
             raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens, center)")
+        layout = inputs.layout
         io = ProjectorIO(self.adapter.projector, self.adapter.projector_input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
@@ -42,24 +50,44 @@ class GradCAM(Explainer):
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
-            if feats.ndim != 3 or not inputs.layout.is_single_grid:
+            rows = self.adapter.connector_patch_rows(layout).to(feats.device)
+            if rows.numel() == 0 or feats.numel() % rows.numel():
                 raise ValueError(
-                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: it maps one patch grid from "
-                    f"projector input [1, tokens, channels], but this model's is {tuple(feats.shape)} over "
-                    f"{len(inputs.layout.views)} view(s) (tiles)"
+                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: its connector's input "
+                    f"{tuple(feats.shape)} does not split into the {rows.numel()} patch rows of its "
+                    f"{len(layout.views)} view(s)"
                 )
-            activations = feats[0].detach()
+            activations = feats.detach().reshape(rows.numel(), -1)  # [R, C]: one patch's features per row
+            view = _view_of_rows(layout, rows)  # [R], -1 for rows that are no patch
             if center:
-                activations = activations - activations[self.adapter.feature_prefix :].mean(0, keepdim=True)
+                activations = activations - _per_view_mean(activations, view, len(layout.views))[view.clamp(min=0)]
             target_logits = self.target_logits(logits, inputs, offset)
+            keep = view >= 0
             maps = []
             for t in range(target_logits.numel()):
                 (grad,) = torch.autograd.grad(target_logits[t], feats, retain_graph=True, allow_unused=True)
-                if grad is None:
-                    maps.append(torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device))
-                    continue
-                weights = grad[0].mean(0)  # [C]: gradient averaged over the patch grid
-                maps.append(torch.relu(activations @ weights))
-        t2p = torch.stack(maps)[:, self.adapter.feature_prefix :]
-        return self.pack(inputs, text_to_patch=t2p, token_probs=self.token_probs(logits, inputs, offset),
-                         options={"layer": "vision_feature_layer", "center": bool(center)})
+                cam = torch.zeros(layout.n_patches, dtype=feats.dtype, device=feats.device)
+                if grad is not None:
+                    # Channel weights: the gradient averaged over each view's patches.
+                    weights = _per_view_mean(grad.reshape(activations.shape), view, len(layout.views))
+                    per_row = torch.relu((activations * weights[view.clamp(min=0)]).sum(-1))
+                    cam[rows[keep]] = per_row[keep]
+                maps.append(cam)
+        return self.pack(inputs, text_to_patch=torch.stack(maps), token_probs=self.token_probs(logits, inputs, offset),
+                         options={"layer": "vision_feature_layer", "center": bool(center),
+                                  "views": "one weight vector and centering per view"})
+
+
+def _view_of_rows(layout, rows: torch.Tensor) -> torch.Tensor:
+    """``[R]``: the view each patch row belongs to (``-1`` for rows that are no patch)."""
+    ends = torch.tensor([layout.view_slice(i).stop for i in range(len(layout.views))], device=rows.device)
+    view = torch.bucketize(rows, ends, right=True)
+    return torch.where(rows >= 0, view, torch.full_like(rows, -1))
+
+
+def _per_view_mean(values: torch.Tensor, view: torch.Tensor, n_views: int) -> torch.Tensor:
+    """``[views, C]``: the mean of ``values [R, C]`` over each view's patch rows."""
+    keep = view >= 0
+    sums = values.new_zeros(n_views, values.shape[1]).index_add_(0, view[keep], values[keep])
+    counts = torch.bincount(view[keep], minlength=n_views).clamp(min=1).to(values.dtype)
+    return sums / counts[:, None]
