@@ -11,11 +11,15 @@ everywhere with the objects as dips, so min–max display drew the background ho
 "inverted" look). Centering removes only that location-independent constant; the differences between patches are
 Grad-CAM's own. ``center=False`` computes the uncentered original.
 
+The channel weights average the gradient over the projector input's rows of the view — its patches and a CLS token
+the projector reads (BLIP-2's Q-Former, ``vision_feature_select_strategy="full"``); the centering and the map are over
+the patches only.
+
 Models that see the image as several views (tiles, a thumbnail or global image, anyres base + tiles): every view is
-one feature map of the vision tower, so each gets its own channel weights and centering, over its own patches
+one feature map of the vision tower, so each gets its own channel weights and centering
 (:meth:`~rgae.adapters.ModelAdapter.connector_patch_rows` says which rows of the connector's input are which layout
-patch; a kept CLS token and padding rows are left out). The maps are on the layout's patches, so
-``Explanation.image_map`` draws them over the original image, every view warped to its region.
+patch; a CLS token belongs to the view whose patches follow it, padding tiles to none). The maps are on the layout's
+patches, so ``Explanation.image_map`` draws them over the original image, every view warped to its region.
 
 Example:
     >>> from rgae.methods import GradCAM
@@ -58,18 +62,18 @@ class GradCAM(Explainer):
                     f"{len(layout.views)} view(s)"
                 )
             activations = feats.detach().reshape(rows.numel(), -1)  # [R, C]: one patch's features per row
-            view = _view_of_rows(layout, rows)  # [R], -1 for rows that are no patch
-            if center:
-                activations = activations - _per_view_mean(activations, view, len(layout.views))[view.clamp(min=0)]
-            target_logits = self.target_logits(logits, inputs, offset)
+            n_views = len(layout.views)
+            view, weight_view = _views_of_rows(layout, rows)
             keep = view >= 0
+            if center:
+                activations = activations - _per_view_mean(activations, view, n_views)[view.clamp(min=0)]
+            target_logits = self.target_logits(logits, inputs, offset)
             maps = []
             for t in range(target_logits.numel()):
                 (grad,) = torch.autograd.grad(target_logits[t], feats, retain_graph=True, allow_unused=True)
                 cam = torch.zeros(layout.n_patches, dtype=feats.dtype, device=feats.device)
                 if grad is not None:
-                    # Channel weights: the gradient averaged over each view's patches.
-                    weights = _per_view_mean(grad.reshape(activations.shape), view, len(layout.views))
+                    weights = _per_view_mean(grad.reshape(activations.shape), weight_view, n_views)
                     per_row = torch.relu((activations * weights[view.clamp(min=0)]).sum(-1))
                     cam[rows[keep]] = per_row[keep]
                 maps.append(cam)
@@ -78,15 +82,22 @@ class GradCAM(Explainer):
                                   "views": "one weight vector and centering per view"})
 
 
-def _view_of_rows(layout, rows: torch.Tensor) -> torch.Tensor:
-    """``[R]``: the view each patch row belongs to (``-1`` for rows that are no patch)."""
+def _views_of_rows(layout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([R], [R])``: the view of each patch row (``-1`` for rows that are no patch: the centering's), and the view
+    whose channel weights each row enters: its own, and for a row that is no patch (a CLS token) the view of the
+    patches after it (``-1`` when none follow: padding tiles)."""
     ends = torch.tensor([layout.view_slice(i).stop for i in range(len(layout.views))], device=rows.device)
-    view = torch.bucketize(rows, ends, right=True)
-    return torch.where(rows >= 0, view, torch.full_like(rows, -1))
+    view = torch.where(rows >= 0, torch.bucketize(rows, ends, right=True), torch.full_like(rows, -1))
+    patch_rows = (rows >= 0).nonzero().flatten()
+    following = torch.searchsorted(patch_rows, torch.arange(rows.numel(), device=rows.device))
+    has_next = following < patch_rows.numel()
+    weight_view = torch.full_like(rows, -1)
+    weight_view[has_next] = view[patch_rows[following[has_next]]]
+    return view, weight_view
 
 
 def _per_view_mean(values: torch.Tensor, view: torch.Tensor, n_views: int) -> torch.Tensor:
-    """``[views, C]``: the mean of ``values [R, C]`` over each view's patch rows."""
+    """``[views, C]``: the mean of ``values [R, C]`` over the rows of each view (``view [R]``, -1: none)."""
     keep = view >= 0
     sums = values.new_zeros(n_views, values.shape[1]).index_add_(0, view[keep], values[keep])
     counts = torch.bincount(view[keep], minlength=n_views).clamp(min=1).to(values.dtype)

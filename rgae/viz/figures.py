@@ -171,6 +171,11 @@ def _resolve_query_grid(expl) -> tuple[int, int]:
     return (side, side) if side * side == m else (1, m)
 
 
+def _is_strip(qh: int, qw: int) -> bool:
+    """The queries have no grid: one row of tokens (:func:`_resolve_query_grid`'s fallback)."""
+    return qh == 1 and qw > 1
+
+
 def _require_queries(expl, what: str) -> None:
     if expl.text_to_query is None:
         raise ValueError(
@@ -270,7 +275,11 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
     if normalize == "global" and (vmin is None or vmax is None):
         vmin, vmax = float(values.min()), float(values.max())
     unit = normalize_map(values, normalize, **({"vmin": vmin, "vmax": vmax} if normalize == "global" else {}))
-    ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5))
+    strip = _is_strip(qh, qw)
+    # Tokens without a grid (several views, placeholders) are a strip in sequence order: drawn as a band as tall as
+    # the panel allows, not as square cells (1×M squares collapse to a hairline).
+    ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5),
+              aspect="auto" if strip else None)
     ax.set_xlim(-0.5, qw - 0.5)
     ax.set_ylim(qh - 0.5, -0.5)
     _flat_map_note(ax, values, normalize)
@@ -282,9 +291,9 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
     if style == "heatmap":
         step = max(1, math.ceil(max(qh, qw) / 8))
         ax.set_xticks(range(0, qw, step))
-        ax.set_yticks(range(0, qh, step))
-        ax.set_xlabel("query column")
-        ax.set_ylabel("query row")
+        ax.set_yticks([] if strip else range(0, qh, step))
+        ax.set_xlabel("image token (sequence order)" if strip else "query column")
+        ax.set_ylabel("" if strip else "query row")
         return span
     # Grid map: white cell borders, each cell labelled with its flat query index and its displayed (0-1) value.
     _hide_ticks(ax)
@@ -594,7 +603,10 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
     _require_queries(expl, "plot_text_to_query")
     qh, qw = _resolve_query_grid(expl)
     side = float(np.clip(0.42 * max(qh, qw), 3.0, 6.5)) if style == "grid" else 3.2
-    fig = _new_figure((side * qw / max(qh, qw) + 0.9, side * qh / max(qh, qw) + 0.7))
+    height = side * qh / max(qh, qw)
+    if _is_strip(qh, qw):  # a band with room for its title, axis label and colorbar
+        height = max(height, 1.6)
+    fig = _new_figure((side * qw / max(qh, qw) + 0.9, height + 0.7))
     ax = fig.add_subplot()
     lo, hi = _draw_text_to_query(ax, expl, style=style, top_k=top_k, word=word, token=token, cmap=cmap,
                                  panel_in=side)
@@ -602,12 +614,14 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
         f"word “{_escape(word if isinstance(word, str) else expl.words[word])}”" if word is not None
         else f"token “{_escape(expl.output_tokens[token])}”")
     extra = f", top-{top_k} framed" if style == "grid" and top_k > 0 else ""
-    ax.set_title(_with_note(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{qh}×{qw} queries", note,
-                            _chars_per_line(side + 0.9)))
+    count = f"{qw} image tokens (no query grid)" if _is_strip(qh, qw) else f"{qh}×{qw} queries"
+    ax.set_title(_with_note(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{count}", note, _chars_per_line(side + 0.9)))
+    # A band's colorbar goes under it: a vertical one would be as short as the band.
+    bar = {"orientation": "horizontal", "shrink": 0.6, "aspect": 30} if _is_strip(qh, qw) else {"shrink": 0.85}
     if style == "grid":
-        _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", shrink=0.85, pad=0.02)
+        _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", pad=0.02, **bar)
     else:
-        _colorbar(fig, ax, cmap, lo, hi, "relevance", shrink=0.85, pad=0.02)
+        _colorbar(fig, ax, cmap, lo, hi, "relevance", pad=0.02, **bar)
     return _freeze_layout(fig)
 
 
