@@ -741,17 +741,39 @@ def plot_decomposition(expl, style: str = "heatmap", top_k: int = 5, alpha: floa
     return _freeze_layout(fig)
 
 
+def _row_label(ax, label: str, row_in: float, fontsize: float = 9.5) -> None:
+    """A row's label left of its first panel: along it when it fits the row's height, else across (wrapped)."""
+    lines = str(label).split("\n")
+    if len(lines) == 1 and len(label) * fontsize * 0.6 / 72.0 <= row_in:
+        ax.set_ylabel(_escape(label), fontsize=fontsize)
+        return
+    wrapped = "\n".join(part for line in lines for part in (textwrap.wrap(line, 16) or [""]))
+    ax.set_ylabel(_escape(wrapped), fontsize=fontsize, rotation=0, ha="right", va="center", labelpad=4)
+
+
+_ROW_LABELS = {
+    "method": lambda e: e.method,
+    "projector": lambda e: e.projector_type,
+    "model": lambda e: e.model_name or e.projector_type,
+}
+
+
 def plot_comparison(
     explanations: Sequence[Any] | Mapping[str, Any], rows: str = "method",
     words: Sequence[int | str | None] | None = None,
     normalize: str = "per_map", show_image: bool = True, alpha: float = 0.5, cmap: Any = "jet",
     interpolation: str = "bilinear", crop_to_content: bool = False, note: str | None = None,
 ):
-    """Comparison grid: one row per explanation (labelled by method or projector), one column per word.
+    """Comparison grid: one row per explanation (labelled by method, projector or model), one column per word.
+
+    Every row is drawn over its own explanation's original image through its own layout
+    (:meth:`~rgae.Explanation.image_map`), so rows of different model families — one patch grid, anyres tiles,
+    tiles + thumbnail — compare on the same pixels when they explain the same image.
 
     Args:
         explanations: a list of Explanations, or ``{row label: Explanation}``.
-        rows: ``"method"`` or ``"projector"`` — what labels the rows (ignored for a mapping).
+        rows: ``"method"``, ``"projector"`` or ``"model"`` (the model's name, else its projector) — what labels the
+            rows (ignored for a mapping).
         words: words (text or index into the first explanation's words; ``None`` = the sentence map).
             Default: all words of the first explanation. Words are matched by text in the other rows; a row
             without that word shows an empty cell.
@@ -764,14 +786,14 @@ def plot_comparison(
         >>> a, b = synthetic_explanation(seed=0), synthetic_explanation(method="rollout", seed=1)
         >>> fig = plot_comparison([a, b], rows="method", words=["pot", "plants"], normalize="global")
     """
-    if rows not in ("method", "projector"):
-        raise ValueError(f"rows must be 'method' or 'projector', got {rows!r}")
+    if rows not in _ROW_LABELS:
+        raise ValueError(f"rows must be one of {tuple(_ROW_LABELS)}, got {rows!r}")
     _check_normalize(normalize)
     if isinstance(explanations, Mapping):
         labels, expls = [str(k) for k in explanations], list(explanations.values())
     else:
         expls = list(explanations)
-        labels = [str((e.method if rows == "method" else e.projector_type) or "?") for e in expls]
+        labels = [str(_ROW_LABELS[rows](e) or "?") for e in expls]
     if not expls:
         raise ValueError("plot_comparison needs at least one explanation")
     first = expls[0]
@@ -817,7 +839,7 @@ def plot_comparison(
                                     normalize=normalize, vmin=vmin, vmax=vmax, crop_to_content=crop_to_content)
             if r == 0:
                 ax.set_title("sentence" if word is None else f"“{_short(word)}”")
-        axes[r, 0].set_ylabel(_escape(label), fontsize=9.5)
+        _row_label(axes[r, 0], label, panel_in * h / w)
     _scale_colorbar(fig, axes, cmap, normalize, vmin, vmax, shrink=0.8, pad=0.01)
     chars = _chars_per_line(fig.get_size_inches()[0])
     fig.suptitle(_with_note(_caption(first.target_text, chars), note, chars))
