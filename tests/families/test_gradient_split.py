@@ -94,6 +94,17 @@ def test_idefics3_split_equals_the_per_query_reference():
     check_against_reference(explainer, inputs, ConnectorInput(model.model.connector, where="input"))
 
 
+@pytest.mark.parametrize("family", ["aya_vision", "mistral3"])
+def test_aya_vision_and_mistral3_splits_equal_the_per_query_reference(family):
+    import importlib
+
+    tiny = importlib.import_module(f"tests.families.tiny_{family}")
+    model, processor = getattr(tiny, f"tiny_{family}")(text_layers=1)
+    explainer = RGAE(model, processor)
+    inputs = explainer.prepare(tiny.tiny_image(24, 40), "a red", None)
+    check_against_reference(explainer, inputs, ConnectorInput(model.model.multi_modal_projector, where="input"))
+
+
 def test_overlapping_bilinear_supports_split_in_several_groups():
     from tests.families.tiny_llava_onevision import tiny_llava_onevision, tiny_llava_onevision_processor
     from tests.tiny import tiny_image
