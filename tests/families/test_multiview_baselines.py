@@ -14,9 +14,9 @@ from rgae import RGAE
 from rgae.methods import GradCAM, Occlusion
 from rgae.methods.occlusion import occlusion_grid
 from tests.families import layout_probes as probes
-from tests.families.block_checks import plant, planted_image
 from tests.families.tiny_internvl import tiny_image, tiny_internvl
 from tests.families.tiny_llava_next import tiny_llava_next, tiny_llava_next_processor
+from tests.families.zoo import planted_family, planted_image
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,7 @@ def _check_planted(e, region, off_exactly_zero: bool):
 
 
 def test_planted_internvl_lights_up_the_region_in_gradcam_and_occlusion():
-    model, processor = tiny_internvl(text_layers=1, processor_kwargs={"image_mean": [0, 0, 0], "image_std": [1, 1, 1]})
-    inner = model.model
-    plant(model, inner.vision_tower, inner.multi_modal_projector, inner.language_model,
-          inner.vision_tower.embeddings.patch_embeddings.projection)
+    model, processor = planted_family("internvl")
     region = (0, 0, 16, 16)  # tile 0's first 2×2 block; the thumbnail's first block
     image = planted_image(32, 64, region)
     # The word the region raises most: occluding the region lowers it.
