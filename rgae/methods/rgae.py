@@ -414,9 +414,9 @@ class RGAE(Explainer):
         if self.adapter.sees_image_through_cross_attention:
             raise ValueError(f"q2p_rule='gradient' needs image tokens in the LLM's input; {name} reads the image "
                              "through cross-attention only")
-        if through_vision:
-            raise ValueError(f"q2p_rule='gradient' with through_vision=True is not supported yet ({name}); use one "
-                             "of them")
+        if through_vision and self.adapter.feature_prefix:
+            raise ValueError(f"q2p_rule='gradient' with through_vision=True composes over the layout's patches; "
+                             f"{name}'s connector also reads {self.adapter.feature_prefix} non-patch feature(s)")
         return True
 
     def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
@@ -500,11 +500,12 @@ class RGAE(Explainer):
                             non_patch.append(self._non_patch_share(t2q, r_qk))
                     elif splitter is not None:
                         q2p = splitter(grads[-1]).to(dtype)
+                        if patch_tokens is not None:
+                            q2p = self._through_patches(q2p, r_vit, patch_tokens)
                     elif static_q2p is not None:
                         q2p = static_q2p
-                        if patch_tokens is not None:  # Q2P · R̄_vit over the patches, every view
-                            tok = patch_tokens.to(device)
-                            q2p = static_q2p @ normalize_residual(r_vit)[tok][:, tok].to(dtype)
+                        if patch_tokens is not None:
+                            q2p = self._through_patches(static_q2p, r_vit, patch_tokens)
                         elif r_vit is not None:
                             q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
                     elif grads[-1] is None:  # the target does not depend on the image at all
@@ -536,6 +537,13 @@ class RGAE(Explainer):
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _through_patches(q2p: torch.Tensor, r_vit: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """``Q2P · R̄_vit[patch tokens][:, patch tokens]``: a map over the layout's patches through the tower, every
+        view."""
+        tok = patch_tokens.to(q2p.device)
+        return q2p @ normalize_residual(r_vit)[tok][:, tok].to(q2p.dtype)
+
     def _gradient_split(self, layout, io: ProjectorIO, llm_input: LanguageModelInput) -> StructuralGradientSplit:
         name = type(self.model).__name__
         if io.input is None or not io.input.requires_grad:

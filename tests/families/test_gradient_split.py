@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -116,6 +118,28 @@ def test_overlapping_bilinear_supports_split_in_several_groups():
     assert len(disjoint_query_groups(inputs.layout.query_to_patch != 0)) > 1
     model = explainer.model
     check_against_reference(explainer, inputs, ConnectorInput(model.model.multi_modal_projector, where="input"))
+
+
+def test_through_vision_composes_the_split_with_the_towers_relevance():
+    """``Q2P_t = split_t · R̄_vit,t[patch tokens][:, patch tokens]``, R̄_vit from the float64 full-matrix oracle over
+    the tower's eager probabilities (given the identity as the layout's map, the oracle returns R̄ itself)."""
+    import dataclasses
+
+    from tests.families.tiny_internvl import tiny_image, tiny_internvl
+    from tests.family_checks import full_matrix_vision_query_to_patch
+
+    model, processor = tiny_internvl(text_layers=1)
+    explainer = RGAE(model, processor)
+    inputs = explainer.prepare(tiny_image(24, 40), "a red", None)
+    ad = explainer.adapter
+    tokens = ad.patch_tokens(inputs.layout)
+    split = explainer.compute(inputs, q2p_rule="gradient")["query_to_patch_per_token"]
+    through = explainer.compute(inputs, q2p_rule="gradient", through_vision=True)
+    eye = SimpleNamespace(query_to_patch=torch.eye(inputs.layout.n_patches, dtype=torch.float64))
+    r_bar = full_matrix_vision_query_to_patch(model, ad.vision_tower, dataclasses.replace(inputs, layout=eye), tokens)
+    expected = torch.einsum("tmn,tnk->tmk", split.double(), r_bar)
+    assert_close_relative(through["query_to_patch_per_token"], expected, 1e-6)
+    assert not torch.allclose(through["query_to_patch_per_token"].double(), split.double())
 
 
 def test_the_structural_rule_stays_the_default_and_options_say_which_ran():
