@@ -162,11 +162,15 @@ class Occlusion(Explainer):
     def _fill_color(self, baseline: float) -> tuple[int, int, int]:
         """The RGB colour whose normalized pixels are ``baseline`` (0: the processor's mean colour)."""
         ip = getattr(self.processor, "image_processor", self.processor)
-        mean = np.broadcast_to(np.asarray(getattr(ip, "image_mean", None) or 0.5, dtype=np.float64), (3,))
-        std = np.broadcast_to(np.asarray(getattr(ip, "image_std", None) or 0.5, dtype=np.float64), (3,))
+
+        def setting(name, default):
+            value = getattr(ip, name, None)
+            return np.broadcast_to(np.asarray(default if value is None else value, dtype=np.float64), (3,))
+
+        mean, std = setting("image_mean", 0.5), setting("image_std", 0.5)
         if not getattr(ip, "do_normalize", True):
             mean, std = np.full(3, 0.0), np.full(3, 1.0)
-        scale = float(getattr(ip, "rescale_factor", 1 / 255) or 1 / 255)
+        scale = float(getattr(ip, "rescale_factor", None) or 1 / 255)
         return tuple(int(v) for v in np.clip(np.rint((mean + baseline * std) / scale), 0, 255))
 
     def _regions(self, inputs: PreparedInputs, baseline: float, backend: str, grid, progress: bool):
