@@ -44,6 +44,9 @@ _TENSOR_FIELDS = (
     "image_positions",
 )
 
+#: Query-to-Patch maps: stored sparsely when that is smaller (a structural map has a few entries per row).
+_SPARSE_FIELDS = ("query_to_patch", "layout.query_to_patch")
+
 # SentencePiece ("▁") and byte-level BPE ("Ġ") mark the start of a word on the token itself.
 _WORD_START_MARKERS = ("▁", "Ġ", " ")
 
@@ -246,7 +249,12 @@ class Explanation:
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file)."""
+        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file).
+
+        The Query-to-Patch maps (the explanation's and the layout's) are stored sparsely — the flat indices and
+        values of their non-zero entries — when that is smaller than the dense tensor, and the explanation's only
+        once when it equals the layout's (the structural rules): a LLaVA-OneVision-sized layout's ``[M, N]`` map is
+        ~7000 × 7300 mostly zeros. :meth:`load` restores them exactly."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -270,6 +278,7 @@ class Explanation:
             tensors["layout.placeholder"] = self.layout.placeholder.clone()
             if self.layout.query_to_patch is not None:
                 tensors["layout.query_to_patch"] = self.layout.query_to_patch.detach().cpu().clone()
+        meta["storage"] = _pack_maps(tensors)
         atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
         atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return path
@@ -287,6 +296,7 @@ class Explanation:
             )
         meta = json.loads(meta_file.read_text())
         tensors = load_file(str(tensor_file))
+        _unpack_maps(tensors, meta.pop("storage", None))
         image = tensors.pop("image", None)
         layout_meta = meta.pop("layout", None)
         layout = None
@@ -337,6 +347,43 @@ class Explanation:
             f"Explanation(method={self.method!r}, target={self.target_text!r}, tokens={len(self.output_tokens)}, "
             f"patch_grid={self.patch_grid}{q}, projector={self.projector_type!r})"
         )
+
+
+def _pack_maps(tensors: dict) -> dict:
+    """Replace the Query-to-Patch maps in ``tensors`` (in place) by their sparse parts where that is smaller, and the
+    explanation's by a reference when it equals the layout's; returns the JSON record :func:`_unpack_maps` reads."""
+    record = {"sparse": {}, "same_as_layout": []}
+    own, structural = tensors.get("query_to_patch"), tensors.get("layout.query_to_patch")
+    if own is not None and structural is not None and own.dtype == structural.dtype and torch.equal(own, structural):
+        del tensors["query_to_patch"]
+        record["same_as_layout"].append("query_to_patch")
+    for name in _SPARSE_FIELDS:
+        value = tensors.get(name)
+        if value is None:
+            continue
+        flat = value.reshape(-1)
+        nonzero = flat.nonzero().flatten()
+        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+        if nonzero.numel() * (index_dtype.itemsize + value.element_size()) >= flat.numel() * value.element_size():
+            continue  # dense is smaller
+        del tensors[name]
+        tensors[f"{name}.index"] = nonzero.to(index_dtype)
+        tensors[f"{name}.values"] = flat[nonzero].contiguous()
+        record["sparse"][name] = list(value.shape)
+    return record
+
+
+def _unpack_maps(tensors: dict, record: dict | None) -> None:
+    """Undo :func:`_pack_maps` in ``tensors`` (in place); ``record`` None: a file written before sparse storage."""
+    if not record:
+        return
+    for name, shape in record.get("sparse", {}).items():
+        index, values = tensors.pop(f"{name}.index"), tensors.pop(f"{name}.values")
+        dense = torch.zeros(int(np.prod(shape)), dtype=values.dtype)
+        dense[index.long()] = values
+        tensors[name] = dense.reshape(shape)
+    for name in record.get("same_as_layout", []):
+        tensors[name] = tensors["layout.query_to_patch"]  # one tensor for both, as R-GAE makes them
 
 
 def _word_ids_from_tokens(tokens: list[str]) -> list[int]:

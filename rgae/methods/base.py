@@ -174,19 +174,25 @@ class Explainer:
         """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
         text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
-        try:
-            batch = self.processor(images=pil, text=text, return_tensors="pt")
-        except TypeError:
-            batch = self.processor(text=text, images=pil, return_tensors="pt")
+        batch, inputs = self.process(pil, text)
         input_ids = batch["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
         layout = self.adapter.layout(self.processor, batch, (pil.height, pil.width))
+        return text, input_ids.to(self.device), inputs, layout, np.array(pil, dtype=np.uint8)
+
+    def process(self, pil, text: str) -> tuple:
+        """``(the processor's output, the model inputs it gives on the model's device and dtype)`` for one PIL image
+        and a rendered prompt."""
+        try:
+            batch = self.processor(images=pil, text=text, return_tensors="pt")
+        except TypeError:
+            batch = self.processor(text=text, images=pil, return_tensors="pt")
         inputs = {}
         for key, value in self.adapter.model_inputs(batch).items():
             value = value.to(self.device)
             inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return text, input_ids.to(self.device), inputs, layout, np.array(pil, dtype=np.uint8)
+        return batch, inputs
 
     def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
         if not isinstance(target, str):
