@@ -13,7 +13,8 @@ def build_parser(prog: str, description: str, version: str, package: str, comman
     parser.add_argument("--version", action="version", version=f"{prog} {version}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in commands:
-        importlib.import_module(f"{package}.{name}").add_parser(sub)
+        # "explain-dataset" lives in the module explain_dataset.
+        importlib.import_module(f"{package}.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

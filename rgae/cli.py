@@ -7,7 +7,7 @@ import sys
 from deco_models.cli_base import build_parser as _build_parser
 from deco_models.cli_base import run
 
-COMMANDS = ("demo", "explain")
+COMMANDS = ("demo", "explain", "explain-dataset", "evaluate")
 
 
 def build_parser():
