@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from rgae.datasets.store import ExplanationStore
 
     metrics = _metrics(args.metrics)
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--bootstrap", args.bootstrap, 1), ("--permutations", args.permutations, 1),
+                             ("--gallery", args.gallery, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
     if len(args.stores) > 2:
         raise UsageError(f"give one store, or two to compare; got {len(args.stores)}")
     out = Path(args.out)

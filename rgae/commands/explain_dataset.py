@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import rgae.methods as methods
     from rgae.commands.explain import load_model
     from rgae.datasets.readers import read_dataset
-    from rgae.datasets.runner import explain_dataset, model_fingerprint, partial_state
+    from rgae.datasets.runner import RecordError, explain_dataset, model_fingerprint, partial_state
     from rgae.datasets.store import check_manifest
 
     if args.batch_records < 1:
@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
                                   prompt=args.prompt, image_folder=image_folder, batch_records=args.batch_records,
                                   fail_fast=args.fail_fast, retry_failed=args.retry_failed,
                                   progress=not args.no_progress, state=state)
-    except (ValueError, FileNotFoundError) as exc:
-        if args.fail_fast:
-            raise UsageError(f"--fail-fast: a record failed: {exc}") from None
-        raise
+    except RecordError as exc:
+        if isinstance(exc.error, ValueError | OSError):  # bad input data, not a bug: no traceback
+            raise UsageError(f"--fail-fast: {exc}") from None
+        raise exc.error from None  # a bug: its own traceback, not the wrapper's
     if state.is_main_process:
         print(f"explained {summary['explained']}, failed {summary['failed']}, skipped {summary['skipped']} (done "
               f"before) of {summary['records']} records with {summary['processes']} process(es) in "

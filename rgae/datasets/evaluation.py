@@ -93,14 +93,16 @@ def _top_cell(values: np.ndarray) -> int | None:
 def mask_cells(region: np.ndarray, wm: WordMap) -> tuple[np.ndarray, np.ndarray]:
     """For each cell of ``wm``: whether its center pixel lies on ``region`` (``bool [H0, W0]`` over the original
     image), and the fraction of its frame pixels that do (``[N]`` bool, ``[N]`` float). Frame pixels are mapped to
-    the original pixel under their center; pixels outside the content box are off the region.
+    the original pixel under their center; pixels outside the content box are off the region. Cells that tile the
+    frame in whole pixels (patch grids, pixel maps) give exactly the box metrics for a rectangular region; other
+    grids count each pixel in the cell :func:`rgae.metrics.patch_index_map` assigns it to.
 
     Example:
         >>> wm = WordMap(np.zeros((2, 2)), frame_hw=(4, 4), content_box=(0, 0, 4, 4))
         >>> region = np.zeros((4, 4), bool); region[:2, :3] = True
         >>> center, coverage = mask_cells(region, wm)
         >>> center.tolist(), coverage.tolist()
-        ([True, True, False, False], [1.0, 0.5, 0.0, 0.0])
+        ([True, False, False, False], [1.0, 0.5, 0.0, 0.0])
     """
     region = np.asarray(region, dtype=bool)
     h0, w0 = region.shape

@@ -26,12 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 from rgae.datasets.records import Record
 from rgae.datasets.store import ShardWriter, _write_json, check_manifest, clean_shards, finished_ids, write_manifest
 
-__all__ = ["ProgressBoard", "explain_dataset", "load_record", "model_fingerprint", "partial_state"]
+__all__ = ["ProgressBoard", "RecordError", "StoreLock", "explain_dataset", "load_record", "model_fingerprint",
+           "partial_state"]
 
 PROGRESS = "progress"
+
+
+class RecordError(Exception):
+    """A record failed under ``fail_fast``; ``error`` is the original exception."""
+
+    def __init__(self, record_id: str, error: BaseException):
+        super().__init__(f"record {record_id!r} failed: {type(error).__name__}: {error}")
+        self.record_id, self.error = record_id, error
 
 
 def partial_state(cpu: bool | None = None):
@@ -151,47 +165,66 @@ class ProgressBoard:
         self.bar.close()
 
 
+class StoreLock:
+    """Keeps two runs from writing one store at once (an advisory ``flock`` on ``STORE/.lock``).
+
+    The main process takes it exclusively to check that no other run holds it, then every process of the run holds
+    it shared until it is done. The kernel drops a process's lock when it dies, even by SIGKILL, while workers that a
+    killed launcher left running keep theirs — so a re-run cannot interleave with them. (No-op without ``fcntl``.)
+    """
+
+    def __init__(self, folder: Path):
+        self.file = folder / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self, check_exclusive: bool) -> None:
+        if fcntl is None:  # pragma: no cover - Windows: runs are not guarded
+            return
+        self.fd = os.open(self.file, os.O_CREAT | os.O_RDWR, 0o666)
+        if check_exclusive:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.release()
+                raise ValueError(f"another run is writing to {self.file.parent} (its processes hold "
+                                 f"{self.file.name}); wait for it to end or stop it, then re-run") from None
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _explain_one(explainer, record: Record, image_folder, options: dict, prompt: str | None):
     image, _ = load_record(record, image_folder)
     return explainer.attribute(image, target=record.text, prompt=record.prompt or prompt, **options)
 
 
-def explain_dataset(explainer, records: list[Record], out: str | os.PathLike, manifest: dict,
-                    options: dict | None = None, prompt: str | None = None, image_folder: str | None = None,
-                    batch_records: int = 16, fail_fast: bool = False, retry_failed: bool = False,
-                    progress: bool = True, state=None) -> dict:
-    """Explain ``records`` with ``explainer.attribute(image, target=record.text, prompt=record.prompt or prompt,
-    **options)`` into the store ``out``; returns this process's counts (the main process's include the store's
-    totals after every rank is done).
-
-    ``manifest`` (``model``, ``model_fingerprint``, ``method``, ``options``, ``data``, ...) is written to a new store
-    and checked against an existing one (``ValueError`` on a difference). Finished records are skipped (failed ones
-    too, unless ``retry_failed``). A record that raises is recorded as a failure with its error; ``fail_fast``
-    re-raises instead (after writing what is done).
-    """
-    if batch_records < 1:
-        raise ValueError(f"batch_records must be >= 1, got {batch_records}")
-    state = state if state is not None else partial_state()
-    options = dict(options or {})
-    out = Path(out)
+def _open_store(out: Path, manifest: dict, state, lock: StoreLock, retry_failed: bool) -> set[str]:
+    """Create or check the store, clean what a killed run left, and return the ids already done — read by every
+    process before any writes (so all of them compute the same shares)."""
     check_manifest(out, manifest)
-    board_dir = out / PROGRESS
     if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire(check_exclusive=True)
         write_manifest(out, manifest)
         clean_shards(out)
-        shutil.rmtree(board_dir, ignore_errors=True)
-        board_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+        (out / PROGRESS).mkdir()
     state.wait_for_everyone()
+    if not state.is_main_process:
+        lock.acquire(check_exclusive=False)
     done = finished_ids(out, include_failures=not retry_failed)
-    # Everyone reads the store before anyone writes to it: the shares below are computed from the same `done`.
     state.wait_for_everyone()
-    pending = [(i, r) for i, r in enumerate(records) if r.id not in done]
-    share = pending[state.process_index :: state.num_processes]
+    return done
+
+
+def _explain_share(explainer, share, out: Path, state, board: ProgressBoard, image_folder, options, prompt,
+                   batch_records: int, fail_fast: bool) -> tuple[int, int]:
+    """Explain this process's records into its own shards; returns (explained, failed)."""
     writer = ShardWriter(out, rank=state.process_index)
-    board = ProgressBoard(board_dir, state, total=len(pending), desc=f"explain ({state.num_processes} proc)",
-                          enabled=progress)
     explained = failed = 0
-    t_start = time.perf_counter()
     try:
         for index, record in share:
             t0 = time.perf_counter()
@@ -199,7 +232,7 @@ def explain_dataset(explainer, records: list[Record], out: str | os.PathLike, ma
                 explanation = _explain_one(explainer, record, image_folder, options, prompt)
             except Exception as exc:
                 if fail_fast:
-                    raise
+                    raise RecordError(record.id, exc) from exc
                 writer.add_failure(index, record, f"{type(exc).__name__}: {exc}")
                 failed += 1
                 board.update(failed=True)
@@ -211,14 +244,50 @@ def explain_dataset(explainer, records: list[Record], out: str | os.PathLike, ma
                 writer.flush()
     finally:
         writer.flush()
-    board.finish()
-    state.wait_for_everyone()
-    summary = {"records": len(records), "explained": explained, "failed": failed, "skipped": len(records) -
-               len(pending), "processes": state.num_processes, "seconds": round(time.perf_counter() - t_start, 3)}
-    if state.is_main_process:
-        from rgae.datasets.store import ExplanationStore
+    return explained, failed
 
-        store = ExplanationStore(out)
-        summary.update(store_records=len(store), store_failures=len(store.failures))
-        shutil.rmtree(board_dir, ignore_errors=True)
-    return summary
+
+def explain_dataset(explainer, records: list[Record], out: str | os.PathLike, manifest: dict,
+                    options: dict | None = None, prompt: str | None = None, image_folder: str | None = None,
+                    batch_records: int = 16, fail_fast: bool = False, retry_failed: bool = False,
+                    progress: bool = True, state=None) -> dict:
+    """Explain ``records`` with ``explainer.attribute(image, target=record.text, prompt=record.prompt or prompt,
+    **options)`` into the store ``out``; returns the counts of this run over all processes (on the main process
+    also the store's totals).
+
+    ``manifest`` (``model``, ``model_fingerprint``, ``method``, ``options``, ``data``, ...) is written to a new store
+    and checked against an existing one (``ValueError`` on a difference). Finished records are skipped (failed ones
+    too, unless ``retry_failed``). A record that raises is recorded as a failure with its error; ``fail_fast``
+    raises :class:`RecordError` instead (after writing what is done).
+    """
+    if batch_records < 1:
+        raise ValueError(f"batch_records must be >= 1, got {batch_records}")
+    state = state if state is not None else partial_state()
+    out = Path(out)
+    lock = StoreLock(out)
+    t_start = time.perf_counter()
+    try:
+        done = _open_store(out, manifest, state, lock, retry_failed)
+        pending = [(i, r) for i, r in enumerate(records) if r.id not in done]
+        board = ProgressBoard(out / PROGRESS, state, total=len(pending), desc=f"explain ({state.num_processes} "
+                              f"proc)", enabled=progress)
+        counts = [_explain_share(explainer, pending[state.process_index :: state.num_processes], out, state, board,
+                                 image_folder, dict(options or {}), prompt, batch_records, fail_fast)]
+        board.finish()
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            counts = gather_object(counts)
+        state.wait_for_everyone()
+        summary = {"records": len(records), "explained": sum(e for e, _ in counts),
+                   "failed": sum(f for _, f in counts), "skipped": len(records) - len(pending),
+                   "processes": state.num_processes, "seconds": round(time.perf_counter() - t_start, 3)}
+        if state.is_main_process:
+            from rgae.datasets.store import ExplanationStore
+
+            store = ExplanationStore(out)
+            summary.update(store_records=len(store), store_failures=len(store.failures))
+            shutil.rmtree(out / PROGRESS, ignore_errors=True)
+        return summary
+    finally:
+        lock.release()

@@ -71,7 +71,8 @@ def _write_json(path: Path, value) -> None:
 def _read_manifest(path: Path) -> dict | None:
     file = path / MANIFEST
     if not file.is_file():
-        if path.is_dir() and any(path.iterdir()):
+        # Hidden files (a run's lock, temporary files) do not make a folder a store or a non-store.
+        if path.is_dir() and any(not f.name.startswith(".") for f in path.iterdir()):
             raise ValueError(f"{path} exists and is not an explanation store (no {MANIFEST}); choose another --out")
         return None
     try:
@@ -94,6 +95,9 @@ def check_manifest(path: str | os.PathLike, manifest: dict) -> dict | None:
         return None
     for key in COMPARED_KEYS:
         if key in manifest and key in existing and existing[key] != manifest[key]:
+            if key == "model_fingerprint":
+                raise ValueError(f"{path} was made with another model ({existing.get('model')!r}; the weights "
+                                 f"differ): re-run with that model to resume it, or write to a new --out")
             raise ValueError(
                 f"{path} was made with {key} = {json.dumps(existing[key], sort_keys=True)}, this run has "
                 f"{json.dumps(manifest[key], sort_keys=True)}: re-run with the store's settings to resume it, or "
@@ -145,6 +149,16 @@ def _explanation_from_parts(meta: dict, tensors: dict[str, torch.Tensor]) -> Exp
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
+def _compact_labels(mask) -> np.ndarray:
+    """A label mask in the smallest integer type that holds it (most masks have < 256 labels)."""
+    mask = np.ascontiguousarray(mask)
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if mask.size == 0 or (mask.min() >= info.min and mask.max() <= info.max):
+            return mask.astype(dtype)
+    return mask.astype(np.int64)
+
+
 class ShardWriter:
     """Collects one process's finished records and writes them as shards (:meth:`flush`)."""
 
@@ -173,7 +187,7 @@ class ShardWriter:
                                  "tensors": {name: self._keep(t) for name, t in tensors.items()},
                                  "seconds": round(float(seconds), 6)}
         if record.mask is not None:
-            entry["mask"] = self._keep(torch.from_numpy(np.ascontiguousarray(record.mask)))
+            entry["mask"] = self._keep(torch.from_numpy(_compact_labels(record.mask)))
         self._records[record.id] = entry
 
     def add_failure(self, index: int, record: Record, error: str) -> None:
@@ -251,18 +265,18 @@ class ExplanationStore:
             raise ValueError(f"{self.path} is not an explanation store (no {MANIFEST}; write one with "
                              f"`rgae explain-dataset`)")
         self.manifest = manifest
-        entries: dict[str, tuple[Path, dict]] = {}
+        entries: dict[str, tuple[Path | None, dict, Path]] = {}
         failed: dict[str, tuple[int, str]] = {}
         for file, index in _shard_indexes(self.path):
             tensor_file = None if index.get("tensors") is None else file.parent / index["tensors"]
             for rid, entry in index["records"].items():
                 if rid in entries:
-                    raise ValueError(f"{self.path}: record {rid!r} is in two shards ({entries[rid][0].name} and "
+                    raise ValueError(f"{self.path}: record {rid!r} is in two shards ({entries[rid][2].name} and "
                                      f"{file.name}); was the store written by two runs at once?")
-                entries[rid] = (tensor_file, entry)
+                entries[rid] = (tensor_file, entry, file)
             for rid, entry in index["failures"].items():
                 failed[rid] = (entry["index"], entry["error"])
-        self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1][1]["index"]))
+        self._entries = {rid: (t, e) for rid, (t, e, _) in sorted(entries.items(), key=lambda kv: kv[1][1]["index"])}
         # A record retried successfully (--retry-failed) is no longer a failure.
         self.failures: dict[str, str] = {rid: err for rid, (_, err) in sorted(failed.items(), key=lambda kv: kv[1][0])
                                          if rid not in self._entries}

@@ -1,0 +1,385 @@
+"""``rgae explain-dataset`` and ``rgae evaluate`` end to end on real (tiny random or shipped) models: failures are
+recorded, settings are checked, stores resume to exactly the uninterrupted result, two real processes give the maps
+of one, and the evaluation reproduces ``examples/shapes_table.py``'s pointing game."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rgae import Explanation, ExplanationStore
+from rgae.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MAP_FIELDS = ("text_to_patch", "text_to_query", "query_to_patch", "token_probs", "input_ids", "pixel_values")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random shapes-world deco model saved as a model folder (what --model takes)."""
+    from rgae.commands.demo import tiny_random_model
+
+    folder = tmp_path_factory.mktemp("tiny-mlp")
+    model, processor = tiny_random_model("mlp2x_gelu")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A JSONL dataset: 4 shapes scenes as PNG files, a corrupt image, a missing image, a too-long target."""
+    from PIL import Image
+
+    from deco_models.data.shapes_dataset import read_shapes
+    from rgae.datasets import record_to_json
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "images").mkdir()
+    (folder / "masks").mkdir()
+    lines = []
+    for r in read_shapes("5:4"):
+        Image.fromarray(r.image).save(folder / "images" / f"{r.id}.png")
+        Image.fromarray(r.mask.astype(np.uint8)).save(folder / "masks" / f"{r.id}.png")
+        r.image, r.mask = f"images/{r.id}.png", f"masks/{r.id}.png"
+        lines.append(record_to_json(r))
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    lines.append({"id": "corrupt", "image": "images/corrupt.png", "text": "a red circle"})
+    lines.append({"id": "missing", "image": "images/nowhere.png", "text": "a red circle"})
+    lines.append({"id": "long", "image": "images/000000.png", "text": " ".join(["red"] * 600)})
+    (folder / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder / "d.jsonl"
+
+
+def _assert_same_explanation(a: Explanation, b: Explanation) -> None:
+    for f in a.__dataclass_fields__:
+        x, y = getattr(a, f), getattr(b, f)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f
+        elif isinstance(x, np.ndarray):
+            assert np.array_equal(x, y), f
+        else:
+            assert x == y, f
+
+
+def _assert_same_maps(a: ExplanationStore, b: ExplanationStore) -> None:
+    assert a.ids() == b.ids() and a.failures == b.failures
+    for rid in a:
+        x, y = a[rid], b[rid]
+        for f in MAP_FIELDS:
+            assert torch.equal(getattr(x, f), getattr(y, f)), (rid, f)
+
+
+def _shard_ids(store: Path) -> list[str]:
+    ids = []
+    for f in (store / "shards").glob("*.json"):
+        index = json.loads(f.read_text())
+        ids += [*index["records"], *index["failures"]]
+    return ids
+
+
+def explain(model, data, out, *extra) -> int:
+    return main(["explain-dataset", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
+                 *extra])
+
+
+# --------------------------------------------------------------------------------------------------- explain-dataset
+
+
+def test_failures_are_recorded_counted_and_resumed(tiny_model, data, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert explain(tiny_model, data, out, "--batch-records", "2") == 0
+    printed = capsys.readouterr().out
+    assert "explained 4, failed 3, skipped 0" in printed and "4 explanations, 3 failures" in printed
+    s = ExplanationStore(out)
+    assert s.ids() == ["000000", "000001", "000002", "000003"]
+    assert sorted(s.failures) == ["corrupt", "long", "missing"]
+    assert "cannot" in s.failures["corrupt"].lower() or "identify" in s.failures["corrupt"].lower()
+    assert "nowhere.png" in s.failures["missing"]
+    assert "longer than the model's context" in s.failures["long"]
+    # The record's annotations travel with the store: boxes, mask (read from its label image) and image size.
+    r = s.record("000001")
+    assert r.original_hw == (96, 96) and r.mask.shape == (96, 96) and r.boxes[0].label == 1
+    # Re-running skips everything; --retry-failed tries the failures again without duplicating anything.
+    assert explain(tiny_model, data, out) == 0
+    assert "explained 0, failed 0, skipped 7" in capsys.readouterr().out
+    assert explain(tiny_model, data, out, "--retry-failed") == 0
+    assert "explained 0, failed 3, skipped 4" in capsys.readouterr().out
+    assert sorted(ExplanationStore(out).failures) == ["corrupt", "long", "missing"]
+    assert len(ExplanationStore(out)) == 4
+
+
+def test_fail_fast_stops_with_one_line_after_saving(tiny_model, data, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert explain(tiny_model, data, out, "--fail-fast") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rgae explain-dataset: error: --fail-fast: record 'corrupt' failed: ValueError:")
+    assert len(ExplanationStore(out)) == 4  # the records before the failing one are kept
+
+
+def test_store_holds_what_rgae_explain_writes(tiny_model, data, tmp_path):
+    out = tmp_path / "s"
+    assert explain(tiny_model, data, out, "--method", "rawattn", "--layer", "mean") == 0
+    record = ExplanationStore(out).record("000002")
+    single = tmp_path / "single"
+    assert main(["explain", "--model", tiny_model, "--image", str(data.parent / "images" / "000002.png"),
+                 "--text", record.text, "--prompt", record.prompt, "--method", "rawattn", "--layer", "mean",
+                 "--out", str(single)]) == 0
+    _assert_same_explanation(ExplanationStore(out)["000002"], Explanation.load(single))
+
+
+def test_other_settings_against_a_store_are_refused(tiny_model, data, tmp_path, capsys):
+    from rgae.commands.demo import tiny_random_model
+
+    out = tmp_path / "s"
+    assert explain(tiny_model, "shapes:3:2", out) == 0
+    capsys.readouterr()
+    assert explain(tiny_model, "shapes:3:2", out, "--through-vision") == 2
+    assert 'was made with options = {"dtype": "float32", "max_new_tokens": 32, "prompt": null, ' \
+           '"through_vision": false}' in capsys.readouterr().err
+    assert explain(tiny_model, "shapes:3:2", out, "--method", "gradcam") == 2
+    assert "method" in capsys.readouterr().err
+    assert explain(tiny_model, "shapes:3:3", out) == 2
+    assert "data" in capsys.readouterr().err
+    other = tmp_path / "other-model"
+    model, processor = tiny_random_model("mlp2x_gelu", seed=1)
+    model.save_pretrained(other)
+    processor.save_pretrained(other)
+    assert explain(other, "shapes:3:2", out) == 2
+    assert "was made with another model" in capsys.readouterr().err
+    from rgae.datasets.runner import StoreLock
+
+    orphan = StoreLock(out)  # a worker of a killed run, still writing
+    orphan.acquire(check_exclusive=False)
+    try:
+        assert explain(tiny_model, "shapes:3:2", out) == 2
+        assert "another run is writing to" in capsys.readouterr().err
+    finally:
+        orphan.release()
+    (tmp_path / "file").write_text("x")
+    assert explain(tiny_model, "shapes:3:2", tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert explain(tiny_model, "nosuch:1", tmp_path / "t") == 2
+    assert "unknown scheme" in capsys.readouterr().err
+    assert len(ExplanationStore(out)) == 2  # untouched
+
+
+def test_a_shard_cut_off_before_its_index_is_redone(tiny_model, tmp_path, monkeypatch):
+    from rgae.datasets import store as store_module
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert explain(tiny_model, "shapes:9:4", whole, "--batch-records", "1") == 0
+    real = store_module._write_json
+    calls = {"index": 0}
+
+    def dies_at_second_index(path, value):
+        if path.parent.name == "shards":
+            calls["index"] += 1
+            if calls["index"] >= 2:  # from the second shard on, the tensors reach the disk, the index never does
+                raise KeyboardInterrupt
+        real(path, value)
+
+    monkeypatch.setattr(store_module, "_write_json", dies_at_second_index)
+    with pytest.raises(KeyboardInterrupt):
+        explain(tiny_model, "shapes:9:4", cut, "--batch-records", "1")
+    monkeypatch.setattr(store_module, "_write_json", real)
+    orphans = [f for f in (cut / "shards").glob("*.safetensors") if not f.with_suffix(".json").exists()]
+    assert len(orphans) == 1 and len(ExplanationStore(cut)) == 1
+    assert explain(tiny_model, "shapes:9:4", cut, "--batch-records", "1") == 0
+    assert sorted(_shard_ids(cut)) == ExplanationStore(whole).ids()  # every record exactly once
+    assert not orphans[0].exists() or orphans[0].with_suffix(".json").exists()
+    _assert_same_maps(ExplanationStore(cut), ExplanationStore(whole))
+
+
+# ------------------------------------------------------------------------------------------------------ evaluate
+
+
+def _load_shapes_table():
+    spec = importlib.util.spec_from_file_location("shapes_table", ROOT / "examples" / "shapes_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_two_stores_every_metric(tiny_model, tmp_path, capsys):
+    from deco_models.data.shapes import generate_scene
+    from rgae.commands.explain import load_model
+    from rgae.metrics import insertion_deletion
+
+    a, b, report = tmp_path / "rgae", tmp_path / "rawattn", tmp_path / "report"
+    assert explain(tiny_model, "shapes:12345:5", a) == 0
+    assert explain(tiny_model, "shapes:12345:5", b, "--method", "rawattn") == 0
+    assert main(["evaluate", str(a), str(b), "--out", str(report), "--steps", "4", "--bootstrap", "200",
+                 "--no-progress"]) == 0
+    assert "report:" in capsys.readouterr().out
+    m = json.loads((report / "metrics.json").read_text())
+    assert sorted(m["figures"]) == ["auc-hist.png", "curves.png", "energy-hist.png", "gallery-rawattn.png",
+                                    "gallery-rgae.png", "pointing.png"]
+    assert all((report / f).stat().st_size > 1000 for f in m["figures"])
+    # The pointing game is shapes_table's on the same scenes and model.
+    model, processor = load_model(tiny_model)
+    table = _load_shapes_table()
+    scenes = [generate_scene((12345, i), max_objects=3) for i in range(5)]
+    ref = table.explanation_quality(model, processor, scenes, methods=("rgae", "rawattn"), progress=False)
+    for name, method in (("rgae", "rgae"), ("rawattn", "rawattn")):
+        got = m["summaries"][name]["metrics"]
+        assert got["pointing"]["mean"] == ref[method] and got["pointing"]["n"] == ref["n_words"]
+        assert got["pointing_random"]["mean"] == pytest.approx(ref["random"], abs=1e-12)
+        for kind in ("color", "shape"):
+            assert m["summaries"][name]["by_kind"][kind]["pointing"]["mean"] == ref["by_kind"][method][kind]
+        lo, hi = got["pointing"]["ci"]
+        assert lo <= got["pointing"]["mean"] <= hi
+    # Deletion/insertion are rgae.metrics' curves of each stored explanation.
+    store = ExplanationStore(a)
+    curves = insertion_deletion(model, processor, store["000003"], steps=4)
+    assert m["curves"]["rgae"]["000003"]["deletion"]["scores"] == pytest.approx(curves["deletion"].scores.tolist())
+    assert m["summaries"]["rgae"]["metrics"]["insertion_auc"]["n"] == 5
+    c = m["comparison"]
+    assert (c["a"], c["b"]) == ("rgae", "rawattn") and c["pairs"] == ref["n_words"]
+    p = c["metrics"]["pointing"]
+    assert p["difference"] == pytest.approx(ref["rawattn"] - ref["rgae"]) and 0 < p["p_value"] <= 1
+    text = (report / "report.md").read_text()
+    assert "## rawattn vs rgae (paired)" in text and "deletion AUC" in text and "![curves](curves.png)" in text
+
+
+def test_evaluate_usage_errors(tiny_model, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--out", str(tmp_path / "r"), "--metrics", "pointing"]) == 2
+    assert "not an explanation store" in capsys.readouterr().err
+    assert explain(tiny_model, "shapes:1:1", tmp_path / "s") == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--metrics", "pointing,auc"]) == 2
+    assert "--metrics must be a comma-separated subset" in capsys.readouterr().err
+    s = str(tmp_path / "s")
+    assert main(["evaluate", s, s, s, "--out", str(tmp_path / "r")]) == 2
+    assert "one store, or two" in capsys.readouterr().err
+    assert main(["evaluate", s, "--out", str(tmp_path / "r"), "--model", str(tmp_path)]) == 2
+    assert "deletion/insertion need the model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- processes and kills
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat_file.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process work with the one thread per process that torchrun / accelerate launch give each worker: CPU
+    kernels split their sums by thread count, so bit-identical maps need the same count (sharding is what is
+    tested, not thread-count determinism)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_give_the_maps_of_one(tiny_model, tmp_path, one_thread):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["explain-dataset", "--model", tiny_model, "--data", "shapes:21:40", "--batch-records", "4"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "rgae.cli", *args, "--out", str(two)]
+    proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with 2 process(es)" in proc.stdout and "explained 40," in proc.stdout
+    ranks = {json.loads(f.read_text())["rank"] for f in (two / "shards").glob("*.json")}
+    assert ranks == {0, 1}  # both processes wrote their share
+    assert main([*args, "--out", str(one), "--no-progress"]) == 0
+    assert sorted(_shard_ids(two)) == ExplanationStore(one).ids()
+    _assert_same_maps(ExplanationStore(two), ExplanationStore(one))
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path, one_thread):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["explain-dataset", "--model", tiny_model, "--data", "shapes:33:40", "--batch-records", "2",
+            "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "rgae.cli", *args, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((killed / "shards").glob("*.json"))) < 8:
+        time.sleep(0.005)
+    for pid in _process_tree(proc.pid):  # the launcher and both workers (each in a session of its own), mid-run
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while any(Path(f"/proc/{pid}").exists() for pid in _process_tree(proc.pid)[1:]):
+        time.sleep(0.05)
+    partial = len(ExplanationStore(killed))
+    assert 0 < partial < 40, f"the kill did not land mid-run ({partial} records done)"
+    assert main([*args, "--out", str(killed)]) == 0
+    assert main([*args, "--out", str(whole)]) == 0
+    ids = _shard_ids(killed)
+    assert len(ids) == 40 and sorted(ids) == ExplanationStore(whole).ids()  # every record exactly once
+    _assert_same_maps(ExplanationStore(killed), ExplanationStore(whole))
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_shapes_table_and_compares_avgpool_with_qformer(tmp_path):
+    from deco_models import zoo
+    from deco_models.data.shapes import generate_scene
+    from deco_models.recipes.shapes_mini import HELDOUT_SEED
+    from rgae.commands.demo import load_model
+
+    names = ["shapes-mini-avgpool2_36", "shapes-mini-qformer2_36"]
+    if not all(zoo.is_zoo_name(n) for n in names):
+        pytest.skip("the avgpool and Q-Former shapes-mini models are not installed")
+    n_scenes = 6
+    table = _load_shapes_table()
+    scenes = [generate_scene((HELDOUT_SEED, i), max_objects=3) for i in range(n_scenes)]
+    stores = []
+    for name in names:
+        stores.append(tmp_path / name)
+        assert explain(name, f"shapes:{HELDOUT_SEED}:{n_scenes}", stores[-1]) == 0
+    report = tmp_path / "report"
+    assert main(["evaluate", *map(str, stores), "--names", "avgpool", "qformer", "--metrics", "pointing,energy",
+                 "--out", str(report), "--no-progress"]) == 0
+    m = json.loads((report / "metrics.json").read_text())
+    refs = {}
+    for label, name in zip(("avgpool", "qformer"), names):
+        model, processor = load_model(name)
+        refs[label] = table.explanation_quality(model, processor, scenes, methods=("rgae",), progress=False)
+        got = m["summaries"][label]["metrics"]
+        assert got["pointing"]["mean"] == refs[label]["rgae"] and got["pointing"]["n"] == refs[label]["n_words"]
+        assert got["pointing_random"]["mean"] == pytest.approx(refs[label]["random"], abs=1e-12)
+        assert {k: v["pointing"]["mean"] for k, v in m["summaries"][label]["by_kind"].items()} == \
+            refs[label]["by_kind"]["rgae"]
+    diff = m["comparison"]["metrics"]["pointing"]
+    assert diff["difference"] == pytest.approx(refs["qformer"]["rgae"] - refs["avgpool"]["rgae"])
+    assert "## qformer vs avgpool (paired)" in (report / "report.md").read_text()
