@@ -311,17 +311,29 @@ def one_thread():
 def test_two_accelerate_processes_give_the_maps_of_one(tiny_model, tmp_path, one_thread):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["explain-dataset", "--model", tiny_model, "--data", "shapes:21:40", "--batch-records", "4"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "rgae.cli", *args, "--out", str(two)]
-    proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "with 2 process(es)" in proc.stdout and "explained 40," in proc.stdout
+
+    def launch(*command):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "rgae.cli", *command]
+        proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    printed = launch(*args, "--out", str(two))
+    assert "with 2 process(es)" in printed and "explained 40," in printed
     ranks = {json.loads(f.read_text())["rank"] for f in (two / "shards").glob("*.json")}
     assert ranks == {0, 1}  # both processes wrote their share
     assert main([*args, "--out", str(one), "--no-progress"]) == 0
     assert sorted(_shard_ids(two)) == ExplanationStore(one).ids()
     _assert_same_maps(ExplanationStore(two), ExplanationStore(one))
+    # The perturbation forwards of `rgae evaluate` shared over two processes give the curves of one.
+    evaluate = ["evaluate", str(two), "--metrics", "deletion,insertion", "--steps", "2", "--gallery", "0",
+                "--no-progress"]
+    launch(*evaluate, "--out", str(tmp_path / "report2"))
+    assert main([*evaluate, "--out", str(tmp_path / "report1")]) == 0
+    curves = [json.loads((tmp_path / r / "metrics.json").read_text())["curves"] for r in ("report2", "report1")]
+    assert list(curves[0]["two"]) == ExplanationStore(one).ids() and curves[0] == curves[1]
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ class Record:
     ``image`` and ``mask`` are paths (relative to the image folder) or arrays (``uint8 [H, W, 3]`` image, integer
     ``[H, W]`` label mask) for readers that generate their data. ``text`` None explains the model's own answer;
     ``prompt`` None uses the explainer's default instruction. ``extra`` keeps any other fields of the JSON record.
-    ``original_hw`` is the image's ``(height, width)``, filled in when the image is read.
+    ``original_hw`` is the image's ``(height, width)``: the store records it when the image has been read.
     """
 
     id: str

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,26 +89,23 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def load_record(record: Record, image_folder: str | os.PathLike | None = None):
-    """``(RGB PIL image, mask array or None)`` of a record, with ``record.original_hw`` set and its mask loaded;
-    ``ValueError`` for an unreadable image or a mask of another size."""
+    """``(RGB PIL image, label mask array or None)`` of a record; ``ValueError`` for an unreadable image, a mask of
+    another size, or a mask that cannot tell several boxes apart (no ``label``)."""
     from rgae.methods.base import load_image
 
     source = _resolve(record.image, image_folder) if isinstance(record.image, str) else record.image
     image = load_image(str(source) if isinstance(source, Path) else source)
-    record.original_hw = (image.height, image.width)
     mask = record.mask
-    if isinstance(mask, str):
-        mask = _read_mask(_resolve(mask, image_folder))
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != record.original_hw:
-            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                             f"{record.original_hw[1]}x{record.original_hw[0]}")
-        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
-            raise ValueError(f"mask must hold integer labels, got dtype {mask.dtype}")
-        mask = mask.astype(np.int32)
-    record.mask = mask
-    return image, mask
+    if mask is None:
+        return image, None
+    mask = np.asarray(_read_mask(_resolve(mask, image_folder)) if isinstance(mask, str) else mask)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise ValueError(f"mask must hold integer labels, got dtype {mask.dtype}")
+    if len(record.boxes) > 1 and any(b.label is None for b in record.boxes):
+        raise ValueError(f"a mask with {len(record.boxes)} boxes needs a 'label' in every box")
+    return image, mask.astype(np.int32)
 
 
 class ProgressBoard:
@@ -197,8 +195,10 @@ class StoreLock:
 
 
 def _explain_one(explainer, record: Record, image_folder, options: dict, prompt: str | None):
-    image, _ = load_record(record, image_folder)
-    return explainer.attribute(image, target=record.text, prompt=record.prompt or prompt, **options)
+    """``(explanation, the record with its image size, its mask array)``."""
+    image, mask = load_record(record, image_folder)
+    explanation = explainer.attribute(image, target=record.text, prompt=record.prompt or prompt, **options)
+    return explanation, dataclasses.replace(record, original_hw=(image.height, image.width)), mask
 
 
 def _open_store(out: Path, manifest: dict, state, lock: StoreLock, retry_failed: bool) -> set[str]:
@@ -229,7 +229,7 @@ def _explain_share(explainer, share, out: Path, state, board: ProgressBoard, ima
         for index, record in share:
             t0 = time.perf_counter()
             try:
-                explanation = _explain_one(explainer, record, image_folder, options, prompt)
+                explanation, record_hw, mask = _explain_one(explainer, record, image_folder, options, prompt)
             except Exception as exc:
                 if fail_fast:
                     raise RecordError(record.id, exc) from exc
@@ -237,7 +237,7 @@ def _explain_share(explainer, share, out: Path, state, board: ProgressBoard, ima
                 failed += 1
                 board.update(failed=True)
             else:
-                writer.add(index, record, explanation, time.perf_counter() - t0)
+                writer.add(index, record_hw, explanation, time.perf_counter() - t0, mask=mask)
                 explained += 1
                 board.update()
             if len(writer) >= batch_records:

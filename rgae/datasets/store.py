@@ -180,14 +180,17 @@ class ShardWriter:
         self._tensors.setdefault(key, tensor)
         return key
 
-    def add(self, index: int, record: Record, explanation: Explanation, seconds: float) -> None:
-        """A finished record (``index``: its position in the dataset, which orders the store)."""
+    def add(self, index: int, record: Record, explanation: Explanation, seconds: float, mask=None) -> None:
+        """A finished record (``index``: its position in the dataset, which orders the store) with its label mask
+        (default: ``record.mask`` when it is an array)."""
         meta, tensors = _explanation_parts(explanation)
         entry: dict[str, Any] = {"index": int(index), "record": record_to_json(record), "explanation": meta,
                                  "tensors": {name: self._keep(t) for name, t in tensors.items()},
                                  "seconds": round(float(seconds), 6)}
-        if record.mask is not None:
-            entry["mask"] = self._keep(torch.from_numpy(_compact_labels(record.mask)))
+        if mask is None and record.mask is not None and not isinstance(record.mask, str):
+            mask = record.mask
+        if mask is not None:
+            entry["mask"] = self._keep(torch.from_numpy(_compact_labels(mask)))
         self._records[record.id] = entry
 
     def add_failure(self, index: int, record: Record, error: str) -> None:
