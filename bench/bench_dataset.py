@@ -42,7 +42,8 @@ def in_process(name: str, n: int, warmup: int, repeat: int, device: str) -> dict
     """Median seconds of the loop and of explain_dataset over ``n`` records, interleaved."""
     from rgae.commands.explain import load_model
     from rgae.datasets import read_dataset
-    from rgae.datasets.runner import explain_dataset, partial_state
+    from rgae.datasets.processes import partial_state
+    from rgae.datasets.runner import explain_dataset
     from rgae.methods import RGAE
 
     model, processor = load_model(name, device=device)
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     print(f"\n{device}, {args.records} records, medians (in-process: {args.warmup} warm-up + {args.repeat} timed "
           f"rounds; CLI: {args.cli_repeat} fresh runs)\n")
-    print("| model | loop rec/s | store rec/s | store overhead | CLI 1 proc rec/s (wall s) | CLI 2 proc rec/s (wall s) |")
+    print("| model | loop rec/s | store rec/s | store overhead | CLI 1 proc rec/s (wall s) "
+          "| CLI 2 proc rec/s (wall s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         c2 = f"{r['cli2']['rps']:.1f} ({r['cli2']['wall_s']:.1f})" if "cli2" in r else "—"

@@ -158,7 +158,7 @@ def test_other_settings_against_a_store_are_refused(tiny_model, data, tmp_path, 
     processor.save_pretrained(other)
     assert explain(other, "shapes:3:2", out) == 2
     assert "was made with another model" in capsys.readouterr().err
-    from rgae.datasets.runner import StoreLock
+    from rgae.datasets.processes import StoreLock
 
     orphan = StoreLock(out)  # a worker of a killed run, still writing
     orphan.acquire(check_exclusive=False)
@@ -180,7 +180,7 @@ def test_a_shard_cut_off_before_its_index_is_redone(tiny_model, tmp_path, monkey
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert explain(tiny_model, "shapes:9:4", whole, "--batch-records", "1") == 0
-    real = store_module._write_json
+    real = store_module.write_json_atomic
     calls = {"index": 0}
 
     def dies_at_second_index(path, value):
@@ -190,10 +190,10 @@ def test_a_shard_cut_off_before_its_index_is_redone(tiny_model, tmp_path, monkey
                 raise KeyboardInterrupt
         real(path, value)
 
-    monkeypatch.setattr(store_module, "_write_json", dies_at_second_index)
+    monkeypatch.setattr(store_module, "write_json_atomic", dies_at_second_index)
     with pytest.raises(KeyboardInterrupt):
         explain(tiny_model, "shapes:9:4", cut, "--batch-records", "1")
-    monkeypatch.setattr(store_module, "_write_json", real)
+    monkeypatch.setattr(store_module, "write_json_atomic", real)
     orphans = [f for f in (cut / "shards").glob("*.safetensors") if not f.with_suffix(".json").exists()]
     assert len(orphans) == 1 and len(ExplanationStore(cut)) == 1
     assert explain(tiny_model, "shapes:9:4", cut, "--batch-records", "1") == 0

@@ -59,8 +59,8 @@ def _load_store_model(store, name: str | None, device):
 
 def run(args: argparse.Namespace) -> int:
     from rgae.datasets.evaluation import compare, evaluate_store, summarize
+    from rgae.datasets.processes import partial_state
     from rgae.datasets.report import write_report
-    from rgae.datasets.runner import partial_state
     from rgae.datasets.store import ExplanationStore
 
     metrics = _metrics(args.metrics)

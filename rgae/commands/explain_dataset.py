@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import rgae
     import rgae.methods as methods
     from rgae.commands.explain import load_model
+    from rgae.datasets.processes import partial_state
     from rgae.datasets.readers import read_dataset
-    from rgae.datasets.runner import RecordError, explain_dataset, model_fingerprint, partial_state
+    from rgae.datasets.runner import RecordError, explain_dataset, model_fingerprint
     from rgae.datasets.store import check_manifest
 
     if args.batch_records < 1:

@@ -197,7 +197,7 @@ class StoreEvaluation:
 
 
 def _perturbation_share(store, ids, model, processor, steps, baseline, batch_size, state, progress, board_dir):
-    from rgae.datasets.runner import ProgressBoard
+    from rgae.datasets.processes import ProgressBoard
 
     share = ids[state.process_index :: state.num_processes]
     board = ProgressBoard(board_dir, state, total=len(ids), desc=f"deletion/insertion ({state.num_processes} proc)",
@@ -230,7 +230,7 @@ def evaluate_store(store, metrics=METRICS, model=None, processor=None, name: str
     if {"deletion", "insertion"} & set(metrics):
         if model is None or processor is None:
             raise ValueError("deletion/insertion need the model: pass model= and processor=")
-        from rgae.datasets.runner import partial_state
+        from rgae.datasets.processes import partial_state
 
         state = state if state is not None else partial_state()
         board_dir = Path(work_dir or store.path) / f".progress-{ev.name}"

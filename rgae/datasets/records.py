@@ -8,6 +8,7 @@ A record is one JSON object per line of a ``.jsonl`` file (the format is documen
 Boxes are ``[x0, y0, x1, y1]`` in pixels of the **original** image, end exclusive. Every word of the explained text
 that is one of a box's ``words`` is scored against that box (and against the mask's region ``label`` when the record
 has a mask). Words are compared after :func:`normalize_word` (lower case, surrounding punctuation stripped).
+:func:`load_record` reads a record's image and label mask.
 
 Example:
     >>> r = record_from_json({"id": 7, "image": "a.png", "text": "A red circle.",
@@ -19,14 +20,16 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["COLOR_WORDS", "SHAPE_WORDS", "WORD_KINDS", "Box", "Record", "normalize_word", "record_from_json",
-           "record_to_json", "word_kind"]
+__all__ = ["COLOR_WORDS", "SHAPE_WORDS", "WORD_KINDS", "Box", "Record", "load_record", "normalize_word",
+           "record_from_json", "record_to_json", "word_kind"]
 
 # Basic colour terms and geometric shape names; every other box word counts as a noun (the words of a box name the
 # object) unless the box says otherwise in "kinds".
@@ -219,3 +222,46 @@ def record_to_json(record: Record) -> dict:
     if record.original_hw is not None:
         out["original_hw"] = list(record.original_hw)
     return {**out, **record.extra}
+
+
+# ----------------------------------------------------------------------------------------------------------- I/O
+
+
+def _resolve(path: str, folder: str | os.PathLike | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or folder is None else Path(folder) / p
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"mask {path} cannot be read as an image ({exc})") from None
+    if mask.ndim == 3:
+        if not (mask == mask[..., :1]).all():
+            raise ValueError(f"mask {path} must be a single-channel label image, got {mask.shape[2]} channels")
+        mask = mask[..., 0]
+    return mask
+
+
+def load_record(record: Record, image_folder: str | os.PathLike | None = None):
+    """``(RGB PIL image, label mask array or None)`` of a record; ``ValueError`` for an unreadable image, a mask of
+    another size, or a mask that cannot tell several boxes apart (no ``label``)."""
+    from rgae.methods.base import load_image
+
+    source = _resolve(record.image, image_folder) if isinstance(record.image, str) else record.image
+    image = load_image(str(source) if isinstance(source, Path) else source)
+    mask = record.mask
+    if mask is None:
+        return image, None
+    mask = np.asarray(_read_mask(_resolve(mask, image_folder)) if isinstance(mask, str) else mask)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise ValueError(f"mask must hold integer labels, got dtype {mask.dtype}")
+    if len(record.boxes) > 1 and any(b.label is None for b in record.boxes):
+        raise ValueError(f"a mask with {len(record.boxes)} boxes needs a 'label' in every box")
+    return image, mask.astype(np.int32)

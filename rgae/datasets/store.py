@@ -37,7 +37,7 @@ from rgae.datasets.records import Record, record_from_json, record_to_json
 from rgae.explanation import _TENSOR_FIELDS, Explanation
 
 __all__ = ["MANIFEST", "ExplanationStore", "ShardWriter", "check_manifest", "clean_shards", "finished_ids",
-           "write_manifest"]
+           "write_bytes_atomic", "write_json_atomic", "write_manifest"]
 
 MANIFEST = "store.json"
 SHARDS = "shards"
@@ -61,7 +61,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _write_json(path: Path, value) -> None:
+def write_json_atomic(path: Path, value) -> None:
+    """``value`` as JSON through :func:`write_bytes_atomic`."""
     write_bytes_atomic(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
@@ -114,7 +115,7 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> dict:
         return existing
     (path / SHARDS).mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, "version": VERSION, **manifest}
-    _write_json(path / MANIFEST, full)
+    write_json_atomic(path / MANIFEST, full)
     return full
 
 
@@ -210,7 +211,7 @@ class ShardWriter:
             write_bytes_atomic(self.folder / tensor_file, save(self._tensors))
         index = {"format": "rgae-store-shard", "version": VERSION, "rank": self.rank, "tensors": tensor_file,
                  "ids": list(self._records), "records": self._records, "failures": self._failures}
-        _write_json(self.folder / f"{name}.json", index)
+        write_json_atomic(self.folder / f"{name}.json", index)
         self._records, self._failures, self._tensors = {}, {}, {}
         self.written.append(self.folder / f"{name}.json")
         return self.written[-1]
