@@ -290,7 +290,8 @@ def _synthetic(k: int) -> Explanation:
                        image=np.full((8, 8, 3), k, np.uint8), content_box=(0, 0, 8, 8), prompt="p", options={"k": k})
 
 
-def _assert_same(a: Explanation, b: Explanation) -> None:
+def assert_same_explanation(a: Explanation, b: Explanation) -> None:
+    """Every field equal: tensors in value and dtype, arrays, the rest."""
     for f in a.__dataclass_fields__:
         x, y = getattr(a, f), getattr(b, f)
         if isinstance(x, torch.Tensor):
@@ -317,7 +318,7 @@ def test_store_round_trip_equals_explanation_save_and_load(tmp_path):
     assert s.failures == {"bad": "ValueError: unreadable"} and "bad" not in s
     for k in range(3):
         _synthetic(k).save(tmp_path / f"e{k}")
-        _assert_same(s[f"id{k}"], Explanation.load(tmp_path / f"e{k}"))
+        assert_same_explanation(s[f"id{k}"], Explanation.load(tmp_path / f"e{k}"))
     r = s.record("id1")
     assert r.boxes[0].label == 3 and r.original_hw == (8, 8) and np.array_equal(r.mask, mask)
     assert s.seconds("id1") == 0.5

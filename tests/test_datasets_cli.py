@@ -20,6 +20,7 @@ import torch
 
 from rgae import Explanation, ExplanationStore
 from rgae.cli import main
+from tests.test_datasets import assert_same_explanation
 
 ROOT = Path(__file__).resolve().parents[1]
 MAP_FIELDS = ("text_to_patch", "text_to_query", "query_to_patch", "token_probs", "input_ids", "pixel_values")
@@ -60,17 +61,6 @@ def data(tmp_path_factory):
     lines.append({"id": "long", "image": "images/000000.png", "text": " ".join(["red"] * 600)})
     (folder / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder / "d.jsonl"
-
-
-def _assert_same_explanation(a: Explanation, b: Explanation) -> None:
-    for f in a.__dataclass_fields__:
-        x, y = getattr(a, f), getattr(b, f)
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and torch.equal(x, y), f
-        elif isinstance(x, np.ndarray):
-            assert np.array_equal(x, y), f
-        else:
-            assert x == y, f
 
 
 def _assert_same_maps(a: ExplanationStore, b: ExplanationStore) -> None:
@@ -136,7 +126,7 @@ def test_store_holds_what_rgae_explain_writes(tiny_model, data, tmp_path):
     assert main(["explain", "--model", tiny_model, "--image", str(data.parent / "images" / "000002.png"),
                  "--text", record.text, "--prompt", record.prompt, "--method", "rawattn", "--layer", "mean",
                  "--out", str(single)]) == 0
-    _assert_same_explanation(ExplanationStore(out)["000002"], Explanation.load(single))
+    assert_same_explanation(ExplanationStore(out)["000002"], Explanation.load(single))
 
 
 def test_other_settings_against_a_store_are_refused(tiny_model, data, tmp_path, capsys):
@@ -265,6 +255,10 @@ def test_evaluate_usage_errors(tiny_model, tmp_path, capsys):
     assert "one store, or two" in capsys.readouterr().err
     assert main(["evaluate", s, "--out", str(tmp_path / "r"), "--model", str(tmp_path)]) == 2
     assert "deletion/insertion need the model" in capsys.readouterr().err
+    # Only what was asked for is reported (and no model is needed for it).
+    assert main(["evaluate", s, "--out", str(tmp_path / "r"), "--metrics", "pointing", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())["summaries"]["s"]["metrics"]
+    assert sorted(m) == ["pointing", "pointing_mask", "pointing_mask_random", "pointing_random"]
 
 
 # ------------------------------------------------------------------------------------------- processes and kills

@@ -15,10 +15,9 @@ forwards are shared over the processes of ``torchrun`` / ``accelerate launch``. 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from rgae.commands.explain_dataset import UsageError
+from rgae.commands.explain_dataset import UsageError, one_line_errors
 
 
 def _metrics(text: str) -> tuple[str, ...]:
@@ -140,8 +139,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _main(args) -> int:
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rgae evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors("evaluate", lambda: run(args))

@@ -26,6 +26,16 @@ class UsageError(ValueError):
     """A mistake in the command line or its input files: one line on stderr and exit code 2, no traceback."""
 
 
+def one_line_errors(prog: str, run) -> int:
+    """``run()``, with user mistakes (``UsageError`` and the library's ``ValueError`` / ``FileNotFoundError`` for
+    bad input) printed as one line and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        return run()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rgae {prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def data_identity(spec: str) -> str:
     """What the store records as its data: file specs by absolute path (the same file from another folder is the
     same data), reader specs as given."""
@@ -139,8 +149,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _main(args) -> int:
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rgae explain-dataset: error: {exc}", file=sys.stderr)
-        return 2
+    return one_line_errors("explain-dataset", lambda: run(args))

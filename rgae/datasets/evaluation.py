@@ -194,6 +194,11 @@ class StoreEvaluation:
     failures: dict[str, str]
     scores: list[WordScore] = field(default_factory=list)
     curves: dict[str, dict[str, dict]] = field(default_factory=dict)  # id -> {"deletion": curve dict, ...}
+    metrics: tuple[str, ...] = METRICS  # what was asked for: the summaries report only these
+
+    def localization_keys(self) -> tuple[str, ...]:
+        """The :class:`WordScore` fields behind the requested ``pointing`` / ``energy`` metrics."""
+        return tuple(k for k in LOCALIZATION if k.split("_")[0] in self.metrics)
 
 
 def _perturbation_share(store, ids, model, processor, steps, baseline, batch_size, state, progress, board_dir):
@@ -226,7 +231,7 @@ def evaluate_store(store, metrics=METRICS, model=None, processor=None, name: str
         raise ValueError(f"unknown metrics {sorted(unknown)}; expected any of {', '.join(METRICS)}")
     ids = store.ids()
     ev = StoreEvaluation(name=name or store.path.name, path=str(store.path), manifest=store.manifest,
-                         record_ids=ids, failures=dict(store.failures))
+                         record_ids=ids, failures=dict(store.failures), metrics=tuple(metrics))
     if {"deletion", "insertion"} & set(metrics):
         if model is None or processor is None:
             raise ValueError("deletion/insertion need the model: pass model= and processor=")
@@ -253,6 +258,8 @@ def evaluate_store(store, metrics=METRICS, model=None, processor=None, name: str
         position = {rid: k for k, rid in enumerate(ids)}
         ev.curves = {rid: {k: v for k, v in c.items() if k in wanted}
                      for rid, c in sorted(local, key=lambda item: position[item[0]])}
+    if state is not None and not state.is_main_process:
+        return None
     if {"pointing", "energy"} & set(metrics):
         for rid in ids:
             ev.scores.extend(localization_scores(store[rid], store.record(rid)))
@@ -269,9 +276,9 @@ def _stat(values, groups, n_boot, confidence, seed) -> dict:
     return {"mean": mean, "ci": [lo, hi], "n": len(values), "records": len(set(groups))}
 
 
-def _score_metrics(scores: list[WordScore], n_boot, confidence, seed) -> dict:
+def _score_metrics(scores: list[WordScore], keys, n_boot, confidence, seed) -> dict:
     out = {}
-    for metric in LOCALIZATION:
+    for metric in keys:
         rows = [(getattr(s, metric), s.record) for s in scores if getattr(s, metric) is not None]
         if rows:
             out[metric] = _stat([v for v, _ in rows], [g for _, g in rows], n_boot, confidence, seed)
@@ -290,10 +297,12 @@ def _curve_band(curves: list[dict], n_boot, confidence, seed) -> dict | None:
 def summarize(ev: StoreEvaluation, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Means with clustered bootstrap intervals: every localization metric overall and per word kind, the
     perturbation AUCs over records and the mean curves with bands."""
-    metrics = _score_metrics(ev.scores, n_boot, confidence, seed)
+    keys = ev.localization_keys()
+    metrics = _score_metrics(ev.scores, keys, n_boot, confidence, seed)
     kinds = [k for k in WORD_KINDS if any(s.kind == k for s in ev.scores)]
     kinds += sorted({s.kind for s in ev.scores} - set(kinds))
-    by_kind = {k: _score_metrics([s for s in ev.scores if s.kind == k], n_boot, confidence, seed) for k in kinds}
+    by_kind = {k: _score_metrics([s for s in ev.scores if s.kind == k], keys, n_boot, confidence, seed)
+               for k in kinds}
     curves = {}
     for kind in PERTURBATION:
         per_record = [(rid, c[kind]) for rid, c in ev.curves.items() if kind in c]
@@ -325,9 +334,11 @@ def compare(a: StoreEvaluation, b: StoreEvaluation, n_boot: int = 2000, n_perm: 
     pairs = [(s, b_scores[s.key]) for s in a.scores if s.key in b_scores]
     out: dict = {"a": a.name, "b": b.name, "pairs": len(pairs), "metrics": {}, "by_kind": {}}
 
+    keys = [k for k in a.localization_keys() if k in b.localization_keys()]
+
     def paired_metrics(subset) -> dict:
         res = {}
-        for metric in LOCALIZATION:
+        for metric in keys:
             rows = [(getattr(x, metric), getattr(y, metric), x.record) for x, y in subset
                     if getattr(x, metric) is not None and getattr(y, metric) is not None]
             if rows:

@@ -52,7 +52,7 @@ class ProgressBoard:
     def _publish(self, finished: bool = False) -> None:
         if self.state.num_processes > 1:
             write_json_atomic(self.folder / f"rank-{self.state.process_index}.json",
-                        {"done": self.done, "failed": self.failed, "finished": finished})
+                              {"done": self.done, "failed": self.failed, "finished": finished})
 
     def _others(self) -> list[dict]:
         out = []

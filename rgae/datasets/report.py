@@ -214,7 +214,7 @@ def write_report(out, evaluations: list[StoreEvaluation], summaries: list[dict],
     specs = []
     if any(s["metrics"].get("pointing") for s in summaries):
         specs.append(("pointing.png", lambda: _pointing_figure(names, summaries)))
-    if any(e.scores for e in evaluations):
+    if any(e.scores and "energy" in e.metrics for e in evaluations):
         specs.append(("energy-hist.png", lambda: _histograms(evaluations, [
             ("energy in box", lambda e: [s.energy for s in e.scores])])))
     if any(e.curves for e in evaluations):

@@ -31,7 +31,7 @@ from rgae.datasets.store import ShardWriter, check_manifest, clean_shards, finis
 
 __all__ = ["RecordError", "explain_dataset", "model_fingerprint"]
 
-PROGRESS = "progress"
+PROGRESS = ".progress"  # the ranks' progress files, removed at the end
 
 
 class RecordError(Exception):
