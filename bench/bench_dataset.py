@@ -15,7 +15,7 @@ and ``wall`` is the whole command. Records: ``shapes:12345:N`` (held-out scenes,
 tokens).
 
 Usage: python bench/bench_dataset.py [--records 24] [--warmup 3] [--repeat 5] [--cli-repeat 3] [--device cpu|cuda]
-       [--models shapes-mini-mlp2x_gelu ...] [--json out.json]
+       [--models shapes-mini-mlp2x_gelu ...] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cli(name: str, n: int, processes: int, repeat: int, device: str) -> dict:
+def cli(name: str, n: int, processes: int, repeat: int, device: str, threads: int | None = None) -> dict:
     """Fresh-process runs of the command; the explain-phase rate and the wall time, medians over ``repeat``."""
     rates, walls = [], []
     for _ in range(repeat):
@@ -97,6 +97,8 @@ def cli(name: str, n: int, processes: int, repeat: int, device: str) -> dict:
         env = dict(os.environ)
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
+        if threads is not None and processes == 1:  # torchrun gives each of several workers one thread itself
+            env["OMP_NUM_THREADS"] = str(threads)
         if processes == 1:
             cmd = [sys.executable, *args]
         else:
@@ -121,9 +123,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cli-repeat", type=int, default=3)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the single-process parts (default: torch's); 1 on a busy machine, "
+                             "where two spinning OpenMP threads waste most of their time waiting for each other")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     two = 2 if device == "cpu" or torch.cuda.device_count() >= 2 else None
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
     for name in args.models:
         row = {"model": name, "device": device, "records": args.records, "threads": torch.get_num_threads()}
         row.update(in_process(name, args.records, args.warmup, args.repeat, device))
-        row["cli1"] = cli(name, args.records, 1, args.cli_repeat, device)
+        row["cli1"] = cli(name, args.records, 1, args.cli_repeat, device, args.threads)
         if two:
             row["cli2"] = cli(name, args.records, two, args.cli_repeat, device)
         rows.append(row)

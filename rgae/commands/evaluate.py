@@ -1,15 +1,15 @@
-"""``rgae evaluate``: score an explanation store (or two, side by side) and write a report.
+"""rgae evaluate: score an explanation store (or two, side by side) and write a report.
 
-Examples::
+Examples:
 
     rgae evaluate runs/shapes-mlp --out reports/mlp                       # every metric
     rgae evaluate runs/avgpool runs/qformer --metrics pointing,energy --out reports/avgpool-vs-qformer
     torchrun --nproc_per_node 2 -m rgae.cli evaluate runs/mlp --metrics deletion,insertion --out reports/mlp
 
 Pointing game (boxes and masks, with the random baseline) and energy in box need only the store. Deletion and
-insertion re-run the model on masked images: the model the store was made with (its manifest), or ``--model``; their
-forwards are shared over the processes of ``torchrun`` / ``accelerate launch``. Writes ``metrics.json``,
-``report.md`` and figures to ``--out``.
+insertion re-run the model on masked images: the model the store was made with (its manifest), or --model; their
+forwards are shared over the processes of torchrun / accelerate launch. Writes metrics.json,
+report.md and figures to --out.
 """
 
 from __future__ import annotations

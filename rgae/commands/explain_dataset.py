@@ -1,6 +1,6 @@
-"""``rgae explain-dataset``: explain every record of a dataset into a resumable, sharded store.
+"""rgae explain-dataset: explain every record of a dataset into a resumable, sharded store.
 
-Examples::
+Examples:
 
     rgae explain-dataset --model shapes-mini-mlp2x_gelu --data shapes:12345:100 --out runs/shapes-mlp
     rgae explain-dataset --model ckpt/deco --data refs.jsonl --image-folder coco/val2014 --out runs/refs
@@ -8,7 +8,7 @@ Examples::
 
 Re-running the same command resumes: finished records are skipped, a record a killed run left half written is
 redone. Records that fail (unreadable image, target longer than the context) are recorded with their error and
-counted; ``--fail-fast`` stops at the first one. A store made with another model, method or options is refused.
+counted; --fail-fast stops at the first one. A store made with another model, method or options is refused.
 """
 
 from __future__ import annotations
