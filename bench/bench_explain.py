@@ -4,12 +4,17 @@ Model: a random mid-size stock Llava (LLM: Llama hidden 512 x 8 layers, 8 heads,
 4 layers, 96 px / 8 px patches = 144 image tokens; MLP projector), prompt + 16-token target ~ 300 tokens.
 
 Parts, each in its own process (so peak memory is per part):
-  fast       RGAE.compute: one teacher-forced forward, one autograd.grad per target token, row trick
-  fast_b16   the same with grad_batch=16 (one vmapped backward for all 16 tokens)
-  reference  tests/test_reference.reference_rgae: per step one forward over prompt + prefix, one backward,
-             full-matrix propagation
-  floor      one forward + 16 backward passes (autograd.grad of each target logit w.r.t. the LLM attention
-             probabilities, exactly the gradients R-GAE needs) and nothing else
+  fast         RGAE.compute (capture="interface", the default): one teacher-forced forward with the model's sdpa
+               kernel, one autograd.grad per target token w.r.t. the attention outputs, probabilities recomputed
+               in chunks into the row trick
+  fast_eager   the same with capture="eager": eager attention, every probability tensor recorded
+  fast_b16     the default with grad_batch=16 (one vmapped backward for all 16 tokens)
+  reference    tests/test_reference.reference_rgae: per step one forward over prompt + prefix, one backward,
+               full-matrix propagation
+  floor        one sdpa forward + 16 backward passes (autograd.grad of each target logit w.r.t. every LLM layer's
+               attention output, the gradients the default path needs; parameters frozen) and nothing else
+  floor_eager  one eager forward + 16 backward passes w.r.t. the LLM attention probabilities (the gradients the
+               eager capture needs)
 Times: one process, warm-up rounds, then round-robin timed rounds over the parts (so a change of machine load hits
 every part alike); medians. Peak memory: one run per part in its own process, CUDA max_memory_allocated or, on CPU,
 the process's peak RSS growth over the loaded model. Runs on CUDA when available.
@@ -23,14 +28,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("fast", "fast_b16", "reference", "floor")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import round_robin, sync_device  # noqa: E402
+
+PARTS = ("fast", "fast_eager", "fast_b16", "reference", "floor", "floor_eager")
 
 
 def build(device: str):
@@ -89,7 +95,7 @@ def part_functions(model, explainer, inputs, device: str) -> dict:
         with eager_attention(model):
             return reference_rgae(model, inputs)
 
-    def floor():
+    def floor_eager():
         rec = AttentionRecorder(explainer.adapter.llm_attention)
         with explain_mode(model), eager_attention(model), torch.enable_grad(), rec:
             logits, offset = explainer.forward(inputs)
@@ -97,19 +103,20 @@ def part_functions(model, explainer, inputs, device: str) -> dict:
             for t in range(target.numel()):
                 torch.autograd.grad(target[t], rec.attentions, retain_graph=True, allow_unused=True)
 
+    from bench_memory import part_functions as memory_parts
+
+    def floor():
+        with explain_mode(model, require_grad=False):
+            memory_parts(explainer, inputs, None)["floor"]()
+
     return {
         "fast": lambda: explainer.compute(inputs),
+        "fast_eager": lambda: explainer.compute(inputs, capture="eager"),
         "fast_b16": lambda: explainer.compute(inputs, grad_batch=16),
         "reference": reference,
         "floor": floor,
+        "floor_eager": floor_eager,
     }
-
-
-def _sync(device):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_memory(part: str, device: str) -> dict:
@@ -124,7 +131,7 @@ def run_memory(part: str, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     fn()
-    _sync(device)
+    sync_device(device)
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -136,19 +143,7 @@ def run_memory(part: str, device: str) -> dict:
 def run_times(parts: list[str], device: str, warmup: int, repeat: int) -> dict:
     """Interleaved timing in one process (round-robin over the parts, so load changes hit all parts alike)."""
     model, explainer, inputs = build(device)
-    fns = part_functions(model, explainer, inputs, device)
-    for _ in range(warmup):
-        for part in parts:
-            fns[part]()
-    _sync(device)
-    times: dict[str, list[float]] = {part: [] for part in parts}
-    for _ in range(repeat):
-        for part in parts:
-            start = time.perf_counter()
-            fns[part]()
-            _sync(device)
-            times[part].append(time.perf_counter() - start)
-    return {part: {"median_s": statistics.median(ts), "times_s": ts} for part, ts in times.items()}
+    return round_robin(part_functions(model, explainer, inputs, device), parts, device, warmup, repeat)
 
 
 def main(argv=None) -> int:
@@ -188,7 +183,10 @@ def main(argv=None) -> int:
         print(f"reference / fast = {results['reference']['median_s'] / results['fast']['median_s']:.2f}x")
     if {"fast", "floor"} <= results.keys():
         ratio = results["fast"]["median_s"] / results["floor"]["median_s"]
-        print(f"fast / floor (1 forward + 16 backward) = {ratio:.2f}x")
+        print(f"fast / floor (1 sdpa forward + 16 backward) = {ratio:.2f}x")
+    if {"fast_eager", "floor_eager"} <= results.keys():
+        ratio = results["fast_eager"]["median_s"] / results["floor_eager"]["median_s"]
+        print(f"fast_eager / floor_eager (1 eager forward + 16 backward) = {ratio:.2f}x")
     if {"fast_b16", "reference", "floor"} <= results.keys():
         ratio = results["reference"]["median_s"] / results["fast_b16"]["median_s"]
         print(f"reference / fast_b16 = {ratio:.2f}x; "

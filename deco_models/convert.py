@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from deco_models.io import atomic_write
+from rgae.io import normal_file_modes
 
 MM_PROJECTOR_PREFIX = "model.mm_projector."
 LORA_PREFIX = "base_model.model."
@@ -343,7 +344,8 @@ def export_llava_lora(peft_model, out_dir, vision_tower: str | None = None, imag
     _write_tensors(out_dir / "non_lora_trainables.bin", non_lora)
     _write_tensors(out_dir / "non_lora_trainables.safetensors", non_lora)
     if vision_tower is None:
-        deco.model.vision_tower.save_pretrained(out_dir / "vision_tower")
+        with normal_file_modes(out_dir):  # safetensors writes owner-only files
+            deco.model.vision_tower.save_pretrained(out_dir / "vision_tower")
         vision_tower = "vision_tower"
     _write_json(out_dir / "config.json", llava_config_dict(deco.config, vision_tower, image_aspect))
     return out_dir
@@ -366,9 +368,11 @@ def export_language_model(model, out_dir, tokenizer=None) -> Path:
     if set(missing) - tied or unexpected:
         raise ValueError(f"cannot export the language model: missing {missing}, unexpected {unexpected}")
     out_dir = Path(out_dir)
-    llm.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with normal_file_modes(out_dir):  # safetensors writes owner-only files
+        llm.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -388,9 +392,11 @@ def convert_llava_checkpoint(src, dst, base=None, **load_kwargs) -> Path:
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"destination {dst} exists and is not empty; choose a new folder")
     model, processor = load(src, base=base, **load_kwargs)
-    model.save_pretrained(dst, safe_serialization=True)
-    if processor is not None:
-        processor.save_pretrained(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    with normal_file_modes(dst):  # safetensors writes owner-only files
+        model.save_pretrained(dst, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(dst)
     return dst
 
 

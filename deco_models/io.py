@@ -1,27 +1,11 @@
-"""Safe, atomic file I/O shared by every package: checkpoints are untrusted input."""
+"""Safe file I/O of deco_models: checkpoints are untrusted input; writes are atomic (:func:`rgae.io.atomic_write`)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-
-def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``target``: readers never see a half-written file."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+from rgae.io import atomic_write  # the one atomic writer (rgae's: rgae may not import deco_models)
 
 
 def read_json_lines(text: str, source: str | os.PathLike) -> list:
@@ -68,3 +52,6 @@ def load_state_dict(path: str | os.PathLike) -> dict:
 
         return load_file(str(path))
     return load_torch_file(path)
+
+
+__all__ = ["atomic_write", "load_state_dict", "load_torch_file", "read_json_lines"]

@@ -824,6 +824,16 @@ def load(
         >>> loaded.config.projector_type, processor.num_image_tokens
         ('avgpool2_4', 4)
     """
+    from rgae.verbosity import quiet_loading
+
+    # No "Loading weights" bar per from_pretrained (a zoo model makes three); --verbose / set_verbosity_info shows them.
+    with quiet_loading():
+        return _load(path_or_name, base, dtype, device, attn_implementation, vision_tower, projector_type,
+                     image_aspect, chat_template)
+
+
+def _load(path_or_name, base, dtype, device, attn_implementation, vision_tower, projector_type, image_aspect,
+          chat_template):
     layout = detect_layout(path_or_name)
     if layout == "zoo":
         from deco_models import zoo

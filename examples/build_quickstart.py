@@ -14,8 +14,8 @@ CELLS = [
     ("md", """# rgae quickstart
 
 Where does a LLaVA-style model look when it says a word? This notebook loads a model, explains a caption with
-**R-GAE**, compares it with the baselines (raw attention, attention rollout, GradCAM), checks the maps against
-ground truth, and saves the figures. It runs offline on CPU in well under a minute."""),
+**R-GAE**, compares it with the baselines (raw attention, attention rollout, GradCAM) in an interactive explorer,
+checks the maps against ground truth, and saves the figures. It runs offline on CPU in well under a minute."""),
     ("code", """%matplotlib inline
 import warnings
 from pathlib import Path
@@ -69,7 +69,16 @@ expls = {name: cls(model, processor).attribute(scene.image, target=text, prompt=
          for name, cls in methods.items()}
 content = [i for i, w in enumerate(expl.words) if w in ("yellow", "square", "blue", "circle", "red", "triangle")]
 display(viz.plot_comparison(expls, words=[None, *content]))"""),
-    ("md", """## 4. Check the maps against ground truth
+    ("md", """## 4. Explore interactively
+
+`viz.explore` builds a self-contained page (no server, no network): hover or click a word to see its Text-to-Image
+map, click a Text-to-Query cell for that query's Query-to-Image map, switch between per-map and shared colour scales.
+The methods sit side by side and share the selection. Displaying an `Explanation` on its own shows the same explorer;
+`.save("page.html")` writes a file that opens anywhere, at a selection with `page.html#word=2`."""),
+    ("code", """page = viz.explore(expls)
+page.save("quickstart-explorer.html")
+page"""),
+    ("md", """## 5. Check the maps against ground truth
 
 Pointing game: does the top patch of a word's map fall inside its object's box? Every color and shape word of this
 scene names a unique object. `projector_diagnostics` measures the projector's Query-to-Patch map: locality (mass in
@@ -85,7 +94,7 @@ chance = [metrics.random_pointing_baseline(box, expl.patch_grid, hw) for _, _, b
 print(f"random   expected {sum(chance):.2f}/{len(chance)}")
 d = metrics.projector_diagnostics(expl)
 print({k: round(v, 3) for k, v in d.items() if not k.startswith("per_query")})"""),
-    ("md", """## 5. A real photo
+    ("md", """## 6. A real photo
 
 `skimage.data.chelsea()` explained with the model's own answer (`target=None`). A shapes model has never seen a cat:
 expect it to describe colors and shapes."""),
@@ -98,7 +107,7 @@ except ValueError:  # a tiny random model may answer nothing at all
     photo_expl = rgae.RGAE(model, processor).attribute(photo, target="a yellow circle", prompt="Describe the image.")
 print("answer:", photo_expl.target_text)
 display(photo_expl.plot("decomposition"))"""),
-    ("md", """## 6. Save figures
+    ("md", """## 7. Save figures
 
 `save_figures` writes the original tool's file names (`R_t_i-…`, `R_t_q-…`, `R_q_i-…`, `decomposition-…`) in PNG,
 PDF or SVG; `Explanation.save` keeps the raw maps (safetensors + JSON) for later."""),

@@ -27,6 +27,7 @@ import torch
 from skimage import data
 
 from rgae import Explanation, viz
+from rgae.layout import ImageLayout
 
 
 def pooling_q2p(patch_grid: tuple[int, int], query_grid: tuple[int, int]) -> torch.Tensor:
@@ -67,7 +68,7 @@ def blob_t2q(query_grid, centers, sigma, seed=0) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def synthetic(image, text, centers_rel, patch_grid, query_grid, projector, method="rgae", seed=0, content_box=None):
+def synthetic(image, text, centers_rel, patch_grid, query_grid, projector, method="rgae", seed=0, view_box=None):
     """An explanation whose words light up blobs at relative positions ``centers_rel`` (one per word)."""
     words = text.split()
     qh, qw = query_grid
@@ -83,23 +84,23 @@ def synthetic(image, text, centers_rel, patch_grid, query_grid, projector, metho
         centers_q[1::7] = centers_q[0]  # repetitive patterns, as the paper observes
         q2p = torch.stack([gaussian(patch_grid, tuple(c.tolist()), max(patch_grid) / 6).flatten() for c in centers_q])
         q2p = q2p / q2p.sum(dim=1, keepdim=True)
+    layout = None
+    if view_box is not None:  # the patch grid covers view_box of the image (the padding around it included)
+        layout = ImageLayout.single_view(image.shape[:2], patch_grid, view_box, torch.arange(qh * qw), q2p.double(),
+                                         rule="pooling", query_grid=query_grid)
     return Explanation(
         method=method, target_text=text, output_tokens=words, text_to_patch=t2q @ q2p, patch_grid=patch_grid,
         text_to_query=t2q, query_to_patch=q2p, query_grid=query_grid, image=image, projector_type=projector,
-        content_box=content_box, model_name="synthetic",
+        layout=layout, model_name="synthetic",
     )
 
 
-def pad_to_square(image: np.ndarray, size: int, fill: int = 122) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """LLaVA-style pad-to-square then resize; returns the image and the content box inside it."""
+def square_view_box(image: np.ndarray) -> tuple[float, float, float, float]:
+    """The view box of LLaVA-style pad-to-square: the square centred on the image, in its pixels."""
     h, w = image.shape[:2]
     side = max(h, w)
-    canvas = np.full((side, side, 3), fill, np.uint8)
     y0, x0 = (side - h) // 2, (side - w) // 2
-    canvas[y0: y0 + h, x0: x0 + w] = image
-    scale = size / side
-    box = (round(x0 * scale), round(y0 * scale), round((x0 + w) * scale), round((y0 + h) * scale))
-    return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA), box
+    return (-x0, -y0, side - x0, side - y0)
 
 
 def synthetic_explanations() -> dict[str, Explanation]:
@@ -116,10 +117,10 @@ def synthetic_explanations() -> dict[str, Explanation]:
     out["gradcam"] = Explanation(method="gradcam", target_text=text, output_tokens=g.output_tokens,
                                  text_to_patch=g.text_to_patch.clone(), patch_grid=g.patch_grid, image=astronaut,
                                  projector_type="mlp2x_gelu")
-    cat, box = pad_to_square(data.chelsea(), 224)
+    cat = data.chelsea()
     out["padded"] = synthetic(cat, "a ginger cat's left eye", [(0.45, 0.3), (0.5, 0.4), (0.4, 0.35), (0.42, 0.38),
                                                              (0.42, 0.55)], (14, 14), (7, 7), "avgpool2_49",
-                              content_box=box)
+                              view_box=square_view_box(cat))
     return out
 
 
@@ -133,11 +134,9 @@ def render(expl: Explanation, out: Path, tag: str) -> list[Path]:
     for kind in kinds:
         fig = viz.plot(expl, kind=kind)
         written.append(viz.save_figure(fig, out / f"{tag}-{kind}.png"))
-    if expl.content_box is not None:
-        fig = viz.plot_text_to_image(expl, crop_to_content=True)
-        written.append(viz.save_figure(fig, out / f"{tag}-text_to_image-cropped.png"))
-        fig = viz.plot_decomposition(expl, crop_to_content=True, style="grid")
-        written.append(viz.save_figure(fig, out / f"{tag}-decomposition-cropped.png"))
+    if expl.layout is not None:  # a padded view: the maps are drawn over the original image, the padding gone
+        fig = viz.plot_decomposition(expl, style="grid")
+        written.append(viz.save_figure(fig, out / f"{tag}-decomposition-grid.png"))
     fig = viz.plot_text_to_image(expl, interpolation="nearest")
     written.append(viz.save_figure(fig, out / f"{tag}-text_to_image-nearest.png"))
     return written

@@ -113,7 +113,7 @@ def explanation_quality(model, processor, scenes, methods=tuple(METHODS), progre
     import rgae.methods as rgae_methods
     from deco_models.data import shapes
     from rgae.commands.demo import unique_word_boxes
-    from rgae.metrics import box_to_model_frame, projector_diagnostics, random_pointing_baseline, word_pointing_game
+    from rgae.metrics import projector_diagnostics, word_pointing_game, word_random_baseline
 
     explainers = {m: getattr(rgae_methods, METHODS[m])(model, processor) for m in methods}
     hits: dict[str, list[bool]] = {m: [] for m in methods}
@@ -132,10 +132,7 @@ def explanation_quality(model, processor, scenes, methods=tuple(METHODS), progre
                 hits[m].append(hit)
                 by_kind[m]["color" if word in shapes.COLORS else "shape"].append(hit)
             if m == methods[0]:
-                hw = expl.image.shape[:2]
-                content = expl.content_box or (0, 0, hw[1], hw[0])
-                chance += [random_pointing_baseline(box_to_model_frame(b, scene.image.shape[:2], content),
-                                                    expl.patch_grid, hw) for _, _, b in pairs]
+                chance += [word_random_baseline(expl, b) for _, _, b in pairs]
     out = {m: float(np.mean(h)) if h else float("nan") for m, h in hits.items()}
     out["random"] = float(np.mean(chance)) if chance else float("nan")
     out["n_words"] = len(chance)

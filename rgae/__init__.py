@@ -5,15 +5,18 @@ methods (:mod:`rgae.methods`) join the two and return an :class:`~rgae.explanati
 figures live in :mod:`rgae.viz`.
 """
 
-from rgae.explanation import Explanation
-
 __version__ = "0.1.0"
 
 __all__ = ["Explanation", "ExplanationStore", "__version__"]
 
 
 def __getattr__(name):
-    # Methods import transformers; keep `import rgae` light and lazy.
+    # Explanation imports torch and the methods transformers: keep `import rgae` (and so every `rgae`/`deco` command
+    # line's start, and --help) light; they are imported on first use.
+    if name == "Explanation":
+        from rgae.explanation import Explanation
+
+        return Explanation
     if name in {"RGAE", "RawAttention", "AttentionRollout", "GradCAM", "Occlusion"}:
         from rgae import methods
 

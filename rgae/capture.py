@@ -1,4 +1,5 @@
-"""Record attention probabilities (with their autograd graph) and reduce ``(G ⊙ A)+`` per layer.
+"""Record attention probabilities (with their autograd graph) and reduce ``(G ⊙ A)+`` per layer: the eager capture
+(``capture="eager"``), kept as the reference of :mod:`rgae.attention_capture` (the default).
 
 Three pieces, used together by the explainers in :mod:`rgae.methods`:
 
@@ -7,7 +8,7 @@ Three pieces, used together by the explainers in :mod:`rgae.methods`:
   (transformers only logs a warning), and an empty map must never be returned.
 * :func:`explain_mode` puts the model in eval mode (no dropout), turns gradient checkpointing off and makes every
   floating-point parameter require grad (so each attention probability tensor is part of a graph and
-  ``d(target)/dA`` exists even for frozen models), restoring all three afterwards.
+  ``d(target)/dA`` exists even for frozen models) or freezes them all, restoring all three afterwards.
 * :class:`AttentionRecorder` registers forward hooks on given modules and keeps ``out[1]`` (the post-softmax
   probabilities ``[1, heads, n_q, n_k]``) in call order; :meth:`AttentionRecorder.cams` turns the gradients of one
   target into per-layer maps ``mean_h (G ⊙ A)+`` right away (only ``[n_q, n_k]`` is kept per layer).
@@ -87,14 +88,17 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def explain_mode(model: nn.Module, require_grad: bool = True) -> Iterator[None]:
-    """Eval mode, gradient checkpointing off, and (optionally) grad-requiring float parameters, restored after."""
+def explain_mode(model: nn.Module, require_grad: bool | None = True) -> Iterator[None]:
+    """Eval mode and gradient checkpointing off for the block; parameters made to require grad (``True``, the eager
+    capture: each probability tensor must be part of a graph), frozen (``False``, the interface capture: the graph
+    starts at the recorded attention outputs, and frozen parameters save less for the backward), or left as they are
+    (``None``). All of it is restored afterwards, also on exceptions."""
     was_training = model.training
     # transformers keeps the switch per module (``module.gradient_checkpointing``); flipping those flags avoids the
     # enable/disable API, whose names changed across versions, and restores exactly what was on.
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     flags = []
-    if require_grad:
+    if require_grad is not None:
         for p in model.parameters():
             if p.is_floating_point() or p.is_complex():
                 flags.append((p, p.requires_grad))
@@ -103,7 +107,7 @@ def explain_mode(model: nn.Module, require_grad: bool = True) -> Iterator[None]:
         for m in checkpointed:
             m.gradient_checkpointing = False
         for p, _ in flags:
-            p.requires_grad_(True)
+            p.requires_grad_(bool(require_grad))
         yield
     finally:
         for p, flag in flags:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from deco_models.cli_base import build_parser as _build_parser
-from deco_models.cli_base import run
+from rgae.cli_base import build_parser as _build_parser
+from rgae.cli_base import run
 
 COMMANDS = ("demo", "explain", "explain-dataset", "evaluate")
 

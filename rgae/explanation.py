@@ -1,8 +1,10 @@
 """The result of an attribution: raw relevance tensors plus everything needed to read and reproduce them.
 
 Maps are stored **unnormalized** (R-GAE is not scale invariant; normalizing is a display decision made in
-:mod:`rgae.viz`). Shapes use T = target tokens, M = projector queries (image tokens seen by the LLM),
-N = vision patches (``patch_grid[0] * patch_grid[1]``), S = LLM sequence length.
+:mod:`rgae.viz`). Shapes use T = target tokens, M = the image's LLM tokens (projector queries), N = vision patches
+of all views (``layout.n_patches``; ``patch_grid[0] * patch_grid[1]`` for single-grid models), S = LLM sequence length.
+:meth:`Explanation.image_map` gives any map over the original image's pixels (:mod:`rgae.layout`), whatever the
+model's tiling.
 
 Example:
     >>> import torch
@@ -12,6 +14,8 @@ Example:
     ...     text_to_patch=torch.rand(3, 16), patch_grid=(4, 4))
     >>> e.seq_attr.shape, e.patch_map().shape, e.words
     (torch.Size([16]), torch.Size([4, 4]), ['a', 'red', 'circle'])
+    >>> e.image_map(word="red").shape  # no image given: the patch grid at one pixel per patch
+    torch.Size([4, 4])
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from deco_models.io import atomic_write
+from rgae.io import atomic_write
+from rgae.layout import ImageLayout, View
 
 _TENSOR_FIELDS = (
     "text_to_query",
@@ -52,14 +57,17 @@ class Explanation:
         target_text: the explained text (teacher-forced target or the model's own answer).
         output_tokens: the T target tokens as strings (captum's name).
         text_to_patch: ``[T, N]`` Text-to-Patch relevance per target token (captum: ``token_attr``).
-        patch_grid: ``(grid_h, grid_w)`` of the vision patches, row-major flattening.
+        patch_grid: ``(grid_h, grid_w)`` of the vision patches, row-major flattening (single-grid models; None when
+            the model sees several views, see ``layout``).
         text_to_query: ``[T, M]`` Text-to-Query relevance (None for methods without a query stage).
         query_to_patch: ``[M, N]`` Query-to-Patch map of the projector (None when not defined).
         query_grid: ``(q_h, q_w)`` of the projector queries.
         token_ids: ``[T]`` target token ids; token_probs: ``[T]`` their teacher-forced probabilities.
         word_ids: for each target token, the index of the word it belongs to (subwords merged).
-        image: ``uint8 [H, W, 3]`` the image as the model saw it (after pad/resize).
-        content_box: ``(x0, y0, x1, y1)`` of the original image inside ``image`` (pixels; the padding is outside).
+        image: ``uint8 [H, W, 3]`` the original image (before the processor resized, padded or tiled it).
+        layout: the :class:`~rgae.layout.ImageLayout`: views, the image tokens' positions, the connector's
+            Query-to-Patch rule and every patch's pixel box in ``image``. Without one, a single view whose patch
+            grid covers ``image`` (or, with no image, one pixel per patch) is assumed.
         input_ids, pixel_values, target_positions, image_positions: reproduce the forward pass.
         prompt: the rendered prompt; projector_type: the projector spec string; model_name: free text.
         options: the method's options (JSON-serializable).
@@ -69,7 +77,7 @@ class Explanation:
     target_text: str
     output_tokens: list[str]
     text_to_patch: torch.Tensor
-    patch_grid: tuple[int, int]
+    patch_grid: tuple[int, int] | None = None
     text_to_query: torch.Tensor | None = None
     query_to_patch: torch.Tensor | None = None
     query_grid: tuple[int, int] | None = None
@@ -77,7 +85,7 @@ class Explanation:
     token_probs: torch.Tensor | None = None
     word_ids: list[int] | None = None
     image: np.ndarray | None = None
-    content_box: tuple[int, int, int, int] | None = None
+    layout: ImageLayout | None = None
     input_ids: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     target_positions: torch.Tensor | None = None
@@ -88,18 +96,27 @@ class Explanation:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.patch_grid = tuple(int(v) for v in self.patch_grid)
+        if self.patch_grid is None and self.layout is not None and self.layout.is_single_grid:
+            self.patch_grid = self.layout.views[0].grid
+        if self.patch_grid is None and self.layout is None:
+            raise ValueError("an Explanation needs a patch_grid (single-grid models) or a layout")
+        if self.patch_grid is not None:
+            self.patch_grid = tuple(int(v) for v in self.patch_grid)
         if self.query_grid is not None:
             self.query_grid = tuple(int(v) for v in self.query_grid)
-        if self.content_box is not None:
-            self.content_box = tuple(int(v) for v in self.content_box)
         t = len(self.output_tokens)
-        n = self.patch_grid[0] * self.patch_grid[1]
+        n = self.n_patches
+        where = f"patch_grid {self.patch_grid}" if self.layout is None else "the layout's patches"
         if self.text_to_patch.ndim != 2 or tuple(self.text_to_patch.shape) != (t, n):
             raise ValueError(
-                f"text_to_patch must be [T={t}, N={n}] (T target tokens, N = patch_grid {self.patch_grid}), "
+                f"text_to_patch must be [T={t}, N={n}] (T target tokens, N = {where}), "
                 f"got {tuple(self.text_to_patch.shape)}"
             )
+        if self.layout is not None and self.patch_grid is not None and self.layout.is_single_grid:
+            if tuple(self.layout.views[0].grid) != self.patch_grid:
+                raise ValueError(
+                    f"patch_grid {self.patch_grid} disagrees with the layout's {self.layout.views[0].grid}"
+                )
         if self.word_ids is None:
             self.word_ids = _word_ids_from_tokens(self.output_tokens)
         if len(self.word_ids) != t:
@@ -177,8 +194,49 @@ class Explanation:
         return None if self.text_to_query is None else self._select(self.text_to_query, token, word)
 
     def patch_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
-        """``[grid_h, grid_w]`` Text-to-Patch map of one token, one word, or (default) the sentence."""
+        """``[grid_h, grid_w]`` Text-to-Patch map of one token, one word, or (default) the sentence (single-grid
+        models; :meth:`image_map` works for every model)."""
+        if self.patch_grid is None or (self.layout is not None and not self.layout.is_single_grid):
+            views = ", ".join(v.name for v in self.image_layout.views)
+            raise ValueError(f"this model sees the image as several views ({views}): use image_map() instead")
         return self.patch_values(token, word).reshape(self.patch_grid)
+
+    # ---- maps over the original image --------------------------------------------------------------------
+    @property
+    def n_patches(self) -> int:
+        """N: vision patches of all views."""
+        if self.layout is not None:
+            return self.layout.n_patches
+        return self.patch_grid[0] * self.patch_grid[1]
+
+    @property
+    def image_layout(self) -> ImageLayout:
+        """The layout, or (for explanations made without one) a single view over ``image``."""
+        if self.layout is not None:
+            return self.layout
+        if self.image is not None:
+            h, w = (int(v) for v in np.asarray(self.image).shape[:2])
+        else:
+            h, w = self.patch_grid
+        positions = torch.arange(self.text_to_query.shape[1] if self.text_to_query is not None else 1)
+        return ImageLayout((h, w), (View("image", self.patch_grid, (0, 0, w, h)),), positions)
+
+    def image_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor:
+        """``[H, W]`` float64 Text-to-Image relevance over the **original** image's pixels for one token, one word,
+        or (default) the sentence: every view's patches warped back to their regions and summed, each patch's
+        relevance spread evenly over its pixel box (:meth:`rgae.layout.ImageLayout.render`; it sums to the
+        relevance of the patches inside the image). Figures and metrics read this map, so boxes are given in
+        original-image pixels for every model family."""
+        return self.image_layout.render(self.patch_values(token, word))
+
+    def query_image_map(self, query: int) -> torch.Tensor:
+        """``[H, W]`` the Query-to-Image map of image token ``query`` (a row of ``query_to_patch``, rendered)."""
+        if self.query_to_patch is None:
+            raise ValueError(f"a {self.method!r} explanation has no Query-to-Patch map")
+        m = self.query_to_patch.shape[0]
+        if not -m <= int(query) < m:
+            raise IndexError(f"query {query} out of range (the image has {m} tokens)")
+        return self.image_layout.render(self.query_to_patch[int(query)])
 
     def query_map(self, token: int | None = None, word: int | str | None = None) -> torch.Tensor | None:
         """``[q_h, q_w]`` Text-to-Query map of one token, one word, or the sentence (None without queries)."""
@@ -203,8 +261,15 @@ class Explanation:
         meta = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in _TENSOR_FIELDS and f.name != "image"
+            if f.name not in _TENSOR_FIELDS and f.name not in ("image", "layout")
         }
+        if self.layout is not None:
+            meta["layout"] = self.layout.to_dict()
+            # Cloned: image_positions may be the same tensor, and safetensors refuses shared storage.
+            tensors["layout.positions"] = self.layout.positions.clone()
+            tensors["layout.placeholder"] = self.layout.placeholder.clone()
+            if self.layout.query_to_patch is not None:
+                tensors["layout.query_to_patch"] = self.layout.query_to_patch.detach().cpu().clone()
         atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
         atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return path
@@ -223,10 +288,19 @@ class Explanation:
         meta = json.loads(meta_file.read_text())
         tensors = load_file(str(tensor_file))
         image = tensors.pop("image", None)
-        for key in ("patch_grid", "query_grid", "content_box"):
+        layout_meta = meta.pop("layout", None)
+        layout = None
+        if layout_meta is not None:
+            layout = ImageLayout.from_dict(
+                layout_meta,
+                tensors.pop("layout.positions"),
+                tensors.pop("layout.query_to_patch", None),
+                tensors.pop("layout.placeholder", None),
+            )
+        for key in ("patch_grid", "query_grid"):
             if meta.get(key) is not None:
                 meta[key] = tuple(meta[key])
-        return cls(**meta, **tensors, image=None if image is None else image.numpy())
+        return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
 
     # ---- display -----------------------------------------------------------------------------------------
     def plot(self, kind: str = "decomposition", **kwargs):
@@ -247,6 +321,15 @@ class Explanation:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
+
+    def _repr_html_(self) -> str | None:
+        # The interactive explorer (rgae.viz.explore) inline in a notebook; the PNG repr stays for other front ends.
+        try:
+            from rgae.viz.explore import explore
+
+            return explore(self)._repr_html_()
+        except Exception:  # a repr must never raise in a notebook
+            return None
 
     def __repr__(self) -> str:
         q = "" if self.text_to_query is None else f", queries={tuple(self.text_to_query.shape[1:])}"

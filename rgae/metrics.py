@@ -3,11 +3,13 @@ sanity check, and projector diagnostics of the "double abstraction".
 
 Conventions shared by every function here:
 
-- A *patch map* is ``[N]`` (row-major over ``grid_hw = (grid_h, grid_w)``) or ``[grid_h, grid_w]``.
-- Boxes are ``(x0, y0, x1, y1)`` in pixels of the **model-seen image** (after the processor's pad/resize), end
-  exclusive. Patch ``(i, j)`` covers the pixels ``[j·W/gw, (j+1)·W/gw) × [i·H/gh, (i+1)·H/gh)`` of an ``H×W`` image.
-  :func:`box_to_model_frame` moves a box from the original image into that frame with an explanation's
-  ``content_box``.
+- Explanations: the ``word_*`` functions and the ``image_*`` ones read :meth:`~rgae.Explanation.image_map`, relevance
+  over the **original** image's pixels for every model family (tiles and views warped back), with boxes
+  ``(x0, y0, x1, y1)`` in original-image pixels, end exclusive.
+- The patch-grid functions (:func:`pointing_game`, :func:`energy_in_box`, ...) take a *patch map* ``[N]`` (row-major
+  over ``grid_hw = (grid_h, grid_w)``) or ``[grid_h, grid_w]`` and boxes in the pixels of the grid's image: patch
+  ``(i, j)`` covers ``[j·W/gw, (j+1)·W/gw) × [i·H/gh, (i+1)·H/gh)`` of an ``H×W`` image. :func:`box_to_model_frame`
+  moves a box of the original image into a padded model image.
 - Pointing game ties: the top patch is the **first** maximum in row-major order (``argmax``), so the result is
   deterministic. A map with no information (all entries equal, e.g. all zero) is a **miss** by default
   (``empty="miss"``); ``empty="random"`` instead draws one patch uniformly with ``seed``.
@@ -38,7 +40,11 @@ __all__ = [
     "RandomizationResult",
     "box_to_model_frame",
     "energy_in_box",
+    "image_energy_in_box",
+    "image_point",
+    "image_pointing_game",
     "insertion_deletion",
+    "layout_random_pointing",
     "patch_boxes",
     "perturbation_curve",
     "pointing_game",
@@ -50,7 +56,9 @@ __all__ = [
     "randomization_check",
     "spearman",
     "ssim",
+    "word_energy_in_box",
     "word_pointing_game",
+    "word_random_baseline",
 ]
 
 
@@ -221,25 +229,133 @@ def box_to_model_frame(box, original_hw: tuple[int, int], content_box: tuple[flo
     return (cx0 + bx0 * sx, cy0 + by0 * sy, cx0 + bx1 * sx, cy0 + by1 * sy)
 
 
-def word_pointing_game(explanation, word: int | str, box, original_hw: tuple[int, int] | None = None,
-                       criterion: str = "center", empty: str = "miss") -> bool:
-    """Pointing game of one word's map of an :class:`~rgae.explanation.Explanation`.
+# ------------------------------------------------------------------------ maps over the original image (any family)
 
-    ``box`` is in the original image when ``original_hw`` is given (moved with the explanation's ``content_box``),
-    else already in the model-seen image (``explanation.image``).
+
+def _image_map_array(image_map) -> np.ndarray:
+    arr = _as_numpy(image_map)
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"image_map must be [H, W] relevance over the image's pixels, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("image_map contains NaN or inf")
+    return arr
+
+
+def _box_mask(shape: tuple[int, int], box) -> np.ndarray:
+    """``bool [H, W]``: pixels whose centers lie in the half-open ``box``."""
+    x0, y0, x1, y1 = _check_box(box)
+    ys, xs = np.arange(shape[0]) + 0.5, np.arange(shape[1]) + 0.5
+    return ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+
+
+def image_point(image_map) -> tuple[float, float] | None:
+    """``(x, y)`` where an ``[H, W]`` map points: the centroid of its maximal pixels (pixel centers at +0.5), or
+    None for a map with no information (all pixels equal). For a single-grid model's
+    :meth:`~rgae.Explanation.image_map` the maximal pixels are the top patch's, so this is its center.
 
     Example:
-        >>> word_pointing_game(expl, "circle", scene.objects[0].box, original_hw=(96, 96))  # doctest: +SKIP
+        >>> m = np.zeros((4, 6)); m[2:4, 4:6] = 1.0
+        >>> image_point(m)
+        (5.0, 3.0)
+    """
+    arr = _image_map_array(image_map)
+    top = arr.max()
+    if top == arr.min():
+        return None
+    # Ties within rounding: a patch's pixels carry one value up to float error in the rendering.
+    ys, xs = np.nonzero(arr >= top - 1e-12 * max(abs(top), 1e-300))
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def image_pointing_game(image_map, box, criterion: str = "center", empty: str = "miss", seed: int = 0) -> bool:
+    """Whether an ``[H, W]`` map over the original image points into ``box`` (original-image pixels, end exclusive).
+
+    ``criterion="center"``: :func:`image_point` lies in the box; ``"overlap"``: any maximal pixel does. A map with
+    all pixels equal is a miss (``empty="miss"``) or points at a uniformly random pixel (``"random"``, ``seed``).
+
+    Example:
+        >>> m = np.zeros((4, 6)); m[2:4, 4:6] = 1.0
+        >>> image_pointing_game(m, (4, 2, 6, 4)), image_pointing_game(m, (0, 0, 4, 4))
+        (True, False)
+    """
+    if empty not in ("miss", "random"):
+        raise ValueError(f"empty must be 'miss' or 'random', got {empty!r}")
+    if criterion not in ("center", "overlap"):
+        raise ValueError(f"criterion must be 'center' or 'overlap', got {criterion!r}")
+    arr = _image_map_array(image_map)
+    inside = _box_mask(arr.shape, box)
+    point = image_point(arr)
+    if point is None:
+        if empty == "miss":
+            return False
+        return bool(inside.reshape(-1)[np.random.default_rng(seed).integers(arr.size)])
+    if criterion == "overlap":
+        top = arr.max()
+        return bool(inside[arr >= top - 1e-12 * max(abs(top), 1e-300)].any())
+    x, y = point
+    x0, y0, x1, y1 = _check_box(box)
+    return bool(x0 <= x < x1 and y0 <= y < y1)
+
+
+def image_energy_in_box(image_map, box) -> float:
+    """Fraction of an ``[H, W]`` map's **positive** relevance on the pixels of ``box`` (0.0 without positive mass).
+    For a single-grid model's image map this equals :func:`energy_in_box` of its patch map.
+
+    Example:
+        >>> round(image_energy_in_box(np.array([[1.0, 3.0]]), (0, 0, 1, 1)), 3)
+        0.25
+    """
+    arr = np.clip(_image_map_array(image_map), 0, None)
+    total = arr.sum()
+    return 0.0 if total <= 0 else float(arr[_box_mask(arr.shape, box)].sum() / total)
+
+
+def layout_random_pointing(layout, box) -> float:
+    """Expected pointing-game hit rate of a uniformly random top patch of ``layout`` (every view's patches): the
+    fraction of patches whose center, within the image, lies in ``box`` (original-image pixels)."""
+    x0, y0, x1, y1 = _check_box(box)
+    boxes = layout.patch_boxes().numpy()
+    h, w = layout.image_size
+    # A patch partly on padding points at the center of its part inside the image (as image_point does).
+    cx = (np.clip(boxes[:, 0], 0, w) + np.clip(boxes[:, 2], 0, w)) / 2
+    cy = (np.clip(boxes[:, 1], 0, h) + np.clip(boxes[:, 3], 0, h)) / 2
+    visible = (np.clip(boxes[:, 2], 0, w) > np.clip(boxes[:, 0], 0, w)) & (
+        np.clip(boxes[:, 3], 0, h) > np.clip(boxes[:, 1], 0, h))
+    hit = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1) & visible
+    return float(hit.sum() / max(int(visible.sum()), 1))
+
+
+def _original_box(explanation, box, original_hw):
+    if explanation.image is None and explanation.layout is None:
+        raise ValueError("the explanation has no image or layout: boxes cannot be placed on it")
+    hw = explanation.image_layout.image_size
+    if original_hw is not None and tuple(int(v) for v in original_hw) != tuple(hw):
+        raise ValueError(f"original_hw {tuple(original_hw)} is not the explanation's image size {tuple(hw)}")
+    return box
+
+
+def word_pointing_game(explanation, word: int | str, box, original_hw: tuple[int, int] | None = None,
+                       criterion: str = "center", empty: str = "miss") -> bool:
+    """Pointing game of one word's :meth:`~rgae.Explanation.image_map` against ``box`` in original-image pixels
+    (any model family: tiles and views are warped back to the image first). ``original_hw``, when given, is checked
+    against the explanation's image size.
+
+    Example:
+        >>> word_pointing_game(expl, "circle", scene.objects[0].box)  # doctest: +SKIP
         True
     """
-    if explanation.image is None:
-        raise ValueError("the explanation has no image: its model-seen image size is needed to place the box")
-    image_hw = explanation.image.shape[:2]
-    if original_hw is not None:
-        content = explanation.content_box or (0, 0, image_hw[1], image_hw[0])
-        box = box_to_model_frame(box, original_hw, content)
-    return pointing_game(explanation.word_text_to_patch(word), box, grid_hw=explanation.patch_grid,
-                         image_hw=image_hw, criterion=criterion, empty=empty)
+    box = _original_box(explanation, box, original_hw)
+    return image_pointing_game(explanation.image_map(word=word), box, criterion=criterion, empty=empty)
+
+
+def word_energy_in_box(explanation, word: int | str, box) -> float:
+    """:func:`image_energy_in_box` of one word's image map (``box`` in original-image pixels)."""
+    return image_energy_in_box(explanation.image_map(word=word), _original_box(explanation, box, None))
+
+
+def word_random_baseline(explanation, box) -> float:
+    """:func:`layout_random_pointing` of the explanation's layout (``box`` in original-image pixels)."""
+    return layout_random_pointing(explanation.image_layout, _original_box(explanation, box, None))
 
 
 # ---------------------------------------------------------------------------------------------------- perturbation

@@ -8,6 +8,8 @@ import pytest
 MODULES = [
     "rgae.explanation",
     "rgae.rules",
+    "rgae.recompute",
+    "rgae.methods.relevance",
     "rgae.metrics",
     "deco_models.projectors.registry",
     "deco_models.eval.scorers",

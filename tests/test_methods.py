@@ -108,16 +108,19 @@ def test_explanation_fields_and_round_trip(qformer, tmp_path):
     ids = e.input_ids[0]
     assert torch.equal(ids[e.target_positions], e.token_ids)
     assert torch.all(ids[e.image_positions] == model.config.image_token_id) and e.image_positions.numel() == 4
-    assert e.image.shape == (32, 32, 3) and e.image.dtype == np.uint8
-    x0, y0, x1, y1 = e.content_box
-    assert (x1 - x0) == 32 and (y1 - y0) == 16  # a 2:1 image padded to a square
+    assert e.image.shape == (20, 40, 3) and e.image.dtype == np.uint8  # the original image
+    # A 2:1 image padded to a square: the view covers the image plus 10 px of padding above and below.
+    assert e.layout.views[0].box == (0.0, -10.0, 40.0, 30.0) and e.layout.views[0].grid == (4, 4)
+    assert e.image_map(word="red").shape == (20, 40)
     assert e.word_ids == list(range(t)) and e.options["query_to_patch_rule"].startswith("qformer_gae")
     loaded = Explanation.load(e.save(tmp_path / "exp"))
     for name in ("text_to_patch", "text_to_query", "query_to_patch", "token_probs", "input_ids", "pixel_values",
                  "target_positions", "image_positions", "token_ids"):
         assert torch.equal(getattr(loaded, name), getattr(e, name)), name
     assert np.array_equal(loaded.image, e.image)
-    assert (loaded.patch_grid, loaded.query_grid, loaded.content_box) == (e.patch_grid, e.query_grid, e.content_box)
+    assert (loaded.patch_grid, loaded.query_grid) == (e.patch_grid, e.query_grid)
+    assert loaded.layout.to_dict() == e.layout.to_dict() and torch.equal(loaded.layout.positions, e.layout.positions)
+    assert torch.equal(loaded.image_map(), e.image_map())
     assert loaded.options == e.options and loaded.output_tokens == e.output_tokens
 
 

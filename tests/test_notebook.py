@@ -44,5 +44,7 @@ def test_quickstart_notebook_executes_with_inline_figures(tmp_path, monkeypatch)
     assert "pointing game" in text and "figures in" in text
     assert any(p.name.startswith("decomposition-rgae-") for p in (tmp_path / "quickstart-figures").iterdir())
     assert (tmp_path / "quickstart-figures" / "explanation" / "tensors.safetensors").is_file()
+    explorers = [o for o in outputs if "rgae-explore" in o.get("data", {}).get("text/html", "")]
+    assert len(explorers) == 1 and (tmp_path / "quickstart-explorer.html").is_file()  # the inline explorer
     # The budget is 60 s on an idle 2-core machine; a shared CI runner gets slack.
     assert elapsed < 180, f"notebook took {elapsed:.0f} s"

@@ -1,6 +1,7 @@
 """The fast R-GAE path (one teacher-forced forward, one gradient per token, row trick, engine rules) equals a slow,
 independently written reference: step-by-step generation of the target prefix, one forward and one backward per
-step, full-matrix propagation, every rule written out here in plain torch (float64 tiny models, max |diff| <= 1e-5).
+step, full-matrix propagation, every rule written out here in plain torch (float64 tiny models, <= 1e-6 relative),
+with either capture: through transformers' attention interface (the default) and eager (every probability recorded).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from rgae.adapters import get_adapter
+from rgae.capture import eager_attention
 from rgae.methods import RGAE
 
-TOL = 1e-5
+REL_TOL = 1e-6
 
 
 # ---- tiny models (real transformers classes, word-level tokenizer built in memory) ------------------------------
@@ -78,8 +80,8 @@ def tiny_llava(dtype=torch.float64, attn="eager", vision_feature_layer=-2, visio
     return model, proc
 
 
-def tiny_deco(projector, dtype=torch.float64, vision_feature_layer=-2):
-    """A deco model (any projector spec) with a DecoProcessor; 4x4 patch grid."""
+def tiny_deco(projector, dtype=torch.float64, vision_feature_layer=-2, attn="eager"):
+    """A deco model (any projector spec) with a DecoProcessor; 4x4 patch grid; ``attn`` its attention kernel."""
     from deco_models.configuration import DecoConfig
     from deco_models.modeling import DecoForConditionalGeneration
     from deco_models.processing import DecoProcessor
@@ -92,7 +94,7 @@ def tiny_deco(projector, dtype=torch.float64, vision_feature_layer=-2):
     )
     torch.manual_seed(0)
     model = DecoForConditionalGeneration(cfg).to(dtype).eval()
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(attn)
     proc = DecoProcessor(_image_processor(32), tok, num_image_tokens=cfg.num_image_tokens, chat_template="plain")
     return model, proc
 
@@ -203,29 +205,43 @@ def reference_rgae(model, inputs, through_vision=False):
     return torch.stack(t2qs), torch.stack(q2ps), torch.stack(t2ps)
 
 
-def _check(model, proc, through_vision=False, target="a red circle on the green pot"):
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def _check(model, proc, through_vision=False, target="a red circle on the green pot", **prepare_kwargs):
+    """Both captures of the fast path equal the step-by-step reference: the interface capture (the model's own
+    kernel, the default) and the eager one (every probability recorded), each to 1e-6 relative (float64)."""
     explainer = RGAE(model, proc)
-    inputs = explainer.prepare(random_image(), target, None)
-    fast = explainer.compute(inputs, through_vision=through_vision)
-    t2q, q2p, t2p = reference_rgae(model, inputs, through_vision=through_vision)
-    assert fast["text_to_query"].shape == t2q.shape
+    inputs = explainer.prepare(random_image(), target, None, **prepare_kwargs)
+    with eager_attention(model):  # the reference reads output_attentions, which only eager attention returns
+        t2q, q2p, t2p = reference_rgae(model, inputs, through_vision=through_vision)
     assert (t2q.abs().max() > 0) and (t2p.abs().max() > 0), "degenerate case: nothing to compare"
-    assert (fast["text_to_query"] - t2q).abs().max() <= TOL
-    assert (fast["text_to_patch"] - t2p).abs().max() <= TOL
-    assert (fast["query_to_patch"] - q2p.mean(0)).abs().max() <= TOL
-    per_token = fast["query_to_patch_per_token"]
-    if per_token is not None:
-        assert (per_token - q2p).abs().max() <= TOL
-    return fast, (t2q, q2p, t2p)
+    results = {}
+    for capture in ("interface", "eager"):
+        fast = explainer.compute(inputs, through_vision=through_vision, capture=capture)
+        assert fast["text_to_query"].shape == t2q.shape
+        assert relative_error(fast["text_to_query"], t2q) <= REL_TOL, capture
+        assert relative_error(fast["text_to_patch"], t2p) <= REL_TOL, capture
+        assert relative_error(fast["query_to_patch"], q2p.mean(0)) <= REL_TOL, capture
+        per_token = fast["query_to_patch_per_token"]
+        if per_token is not None:
+            assert relative_error(per_token, q2p) <= REL_TOL, capture
+        results[capture] = fast
+    return results["interface"], (t2q, q2p, t2p)
 
 
-def test_reference_stock_llava():
-    model, proc = tiny_llava()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_reference_stock_llava(attn):
+    model, proc = tiny_llava(attn=attn)
     _check(model, proc)
+    assert model.config.text_config._attn_implementation == attn
 
 
 def test_reference_stock_llava_through_vision():
-    model, proc = tiny_llava()
+    model, proc = tiny_llava(attn="sdpa")
     fast, _ = _check(model, proc, through_vision=True)
     assert fast["query_to_patch_per_token"] is not None
 
@@ -234,14 +250,14 @@ def test_reference_stock_llava_through_vision():
     "projector", ["mlp2x_gelu", "avgpool2_9", "maxpool2_4", "qformer2_4", "cabstractor_4", "dabstractor_4"]
 )
 def test_reference_deco(projector):
-    model, proc = tiny_deco(projector)
+    model, proc = tiny_deco(projector, attn="sdpa")
     _check(model, proc)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("projector", ["avgpool2_4", "qformer2_4", "maxpool2_4"])
 def test_reference_deco_through_vision(projector):
-    model, proc = tiny_deco(projector)
+    model, proc = tiny_deco(projector, attn="sdpa")
     _check(model, proc, through_vision=True)
 
 
@@ -256,7 +272,8 @@ def test_reference_deco_through_vision(projector):
 def test_reference_other_backbones(vision, text, projector, image_size, through_vision):
     from tiny import tiny_deco_model, tiny_processor
 
-    model = tiny_deco_model(projector, vision=vision, text=text, image_size=image_size, dtype=torch.float64)
+    model = tiny_deco_model(projector, vision=vision, text=text, image_size=image_size, dtype=torch.float64,
+                            attn_implementation="sdpa")
     fast, _ = _check(model, tiny_processor(model), through_vision=through_vision)
     ad = get_adapter(model)
     assert fast["text_to_patch"].shape[1] == ad.n_patches

@@ -39,7 +39,7 @@ def hot_map(grid, i, j, dtype=np.float64):
 
 
 def make_expl(patch_grid=(4, 4), query_grid=(2, 2), image_hw=(48, 48), q2p="pool", t2q=None, words=None,
-              method="rgae", projector="qformer2_144", text="A pot of green plants", content_box=None):
+              method="rgae", projector="qformer2_144", text="A pot of green plants", view_box=None):
     words = words or text.split()
     t, n, m = len(words), patch_grid[0] * patch_grid[1], query_grid[0] * query_grid[1]
     gen = torch.Generator().manual_seed(0)
@@ -51,9 +51,15 @@ def make_expl(patch_grid=(4, 4), query_grid=(2, 2), image_hw=(48, 48), q2p="pool
         q2p = torch.eye(n)
     t2q = torch.rand(t, m, generator=gen) if t2q is None else t2q
     image = (np.random.default_rng(0).integers(0, 255, (*image_hw, 3))).astype(np.uint8)
+    layout = None
+    if view_box is not None:  # the patch grid covers view_box of the (original) image, e.g. padding around it
+        from rgae.layout import ImageLayout
+
+        layout = ImageLayout.single_view(image_hw, patch_grid, view_box, torch.arange(m), q2p.double(), rule="pooling",
+                                         query_grid=query_grid)
     return Explanation(method=method, target_text=text, output_tokens=words, text_to_patch=t2q @ q2p,
                        patch_grid=patch_grid, text_to_query=t2q, query_to_patch=q2p, query_grid=query_grid,
-                       image=image, projector_type=projector, content_box=content_box)
+                       image=image, projector_type=projector, layout=layout)
 
 
 def render_png(fig: Figure, dpi: int = 100) -> np.ndarray:
@@ -197,20 +203,17 @@ def test_bad_input_raises_value_error(image, patch_map, kw):
 
 
 # ---- figures: content in pixel space ---------------------------------------------------------------------------
-def test_padded_image_mapped_back_to_content_box():
-    # 96×96 model-seen image, content rows 16..79 (letterbox), 12×12 patches of 8 px; hot patch (5, 9).
-    box = (0, 16, 96, 80)
-    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), image_hw=(96, 96), q2p="identity",
+def test_padded_view_is_drawn_over_the_original_image():
+    # A 64×96 image letterboxed to 96×96 (16 rows of padding above and below), 12×12 patches of 8 px; hot patch (5, 9).
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), image_hw=(64, 96), q2p="identity",
                   t2q=torch.from_numpy(hot_map((12, 12), 5, 9).reshape(1, -1)).float(), words=["plants"],
-                  text="plants", content_box=box)
-    fig = viz.plot_text_to_image(e, crop_to_content=True, interpolation="nearest", alpha=1.0, cmap="gray")
+                  text="plants", view_box=(0, -16, 96, 80))
+    fig = viz.plot_text_to_image(e, interpolation="nearest", alpha=1.0, cmap="gray")
     shown = np.asarray(fig.axes[0].images[0].get_array())
     assert shown.shape == (64, 96, 3)
     hot = np.argwhere(shown[..., 0] == 255)
-    # Patch (5, 9) is y ∈ [40, 48), x ∈ [72, 80) in the padded image → y ∈ [24, 32) after removing 16 rows.
+    # Patch (5, 9) is y ∈ [40, 48), x ∈ [72, 80) in the padded square → y ∈ [24, 32) of the original image.
     assert hot[:, 0].min() == 24 and hot[:, 0].max() == 31 and hot[:, 1].min() == 72 and hot[:, 1].max() == 79
-    full = np.asarray(viz.plot_text_to_image(e, interpolation="nearest").axes[0].images[0].get_array())
-    assert full.shape == (96, 96, 3)
 
 
 @pytest.mark.parametrize("style", ["grid", "heatmap"])
@@ -433,14 +436,13 @@ def test_tiny_model_explanation_end_to_end(tmp_path):
     model = tiny.tiny_deco_model("avgpool2_4", image_size=32)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3)).astype(np.uint8)  # padded to square
     e = RGAE(model, tiny.tiny_processor(model)).attribute(image, target="a red circle")
-    assert e.content_box is not None and e.image is not None
-    paths = viz.save_figures(e, tmp_path, crop_to_content=True, words=False, dpi=50)
+    assert e.image.shape == (24, 40, 3) and e.layout.views[0].box == pytest.approx((0.0, -8.0, 40.0, 32.0))
+    paths = viz.save_figures(e, tmp_path, words=False, dpi=50)
     names = {p.name for p in paths}
     assert {"R_t_i-rgae-a-red-circle-avgpool2_4-.png", "R_t_q-rgae-a-red-circle-avgpool2_4-_grid.png",
             "R_q_i-rgae-a-red-circle-avgpool2_4-.png", "decomposition-rgae-a-red-circle-avgpool2_4-.png"} <= names
-    x0, y0, x1, y1 = e.content_box
-    shown = np.asarray(viz.plot_text_to_image(e, crop_to_content=True).axes[0].images[0].get_array())
-    assert shown.shape[:2] == (y1 - y0, x1 - x0)
+    shown = np.asarray(viz.plot_text_to_image(e).axes[0].images[0].get_array())
+    assert shown.shape[:2] == (24, 40)  # drawn over the original image, the padding gone
     assert e._repr_png_().startswith(b"\x89PNG")
 
 
@@ -452,3 +454,132 @@ def test_synthetic_explanation_composes_like_rgae():
                                torch.eye(64))
     with pytest.raises(ValueError, match="query_grid"):
         viz.synthetic_explanation(projector="linear", query_grid=(4, 4))
+
+
+# ---- comparable figures: shared scales, notes, readable Query-to-Image, all-zero maps ------------------------------
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def _texts(fig) -> list[str]:
+    found = [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
+    return found + ([fig._suptitle.get_text()] if fig._suptitle is not None else [])
+
+
+def test_decomposition_global_puts_t2i_and_t2q_on_one_scale():
+    # T2Q in [0, 0.1] through Q2P = 10·I: the sentence T2I map reaches 10× the T2Q values.
+    t2q = torch.tensor([[0.0, 0.05, 0.1, 0.02]])
+    e = make_expl(patch_grid=(2, 2), query_grid=(2, 2), q2p=10 * torch.eye(4), t2q=t2q, words=["pot"], text="pot")
+    per_map = viz.plot_decomposition(e)
+    shared = viz.plot_decomposition(e, normalize="global")
+    assert [c.get_xlabel() for c in _colorbars(per_map)] == [
+        "relevance (min–max of each panel; $R_{q2i}$: of each query)"]
+    labels = [c.get_xlabel() for c in _colorbars(shared)]
+    assert labels == ["relevance (one scale for $R_{t2i}$ and $R_{t2q}$)",
+                      "Query-to-Patch weight (one scale for all queries)"]
+    np.testing.assert_allclose(_colorbars(shared)[0].get_xlim(), (0.0, 1.0), atol=1e-6)  # min T2Q .. max T2I
+    np.testing.assert_allclose(_colorbars(shared)[1].get_xlim(), (0.0, 10.0), atol=1e-6)
+    # The hottest query cell: jet's top color on its own scale, one tenth of the way up on the shared one.
+    hot = divmod(2, 2)  # query 2 on the 2×2 grid
+    cell = np.asarray(per_map.axes[1].images[0].get_array())[hot] * 255
+    np.testing.assert_allclose(cell, JET_HIGH, atol=1)
+    cell = np.asarray(shared.axes[1].images[0].get_array())[hot]
+    np.testing.assert_allclose(cell, viz.colorize(np.array(0.1), "jet"), atol=1e-6)
+
+
+def test_query_to_image_global_scale_and_labels():
+    q2p = torch.eye(4) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # query q has weight q + 1
+    e = make_expl(patch_grid=(2, 2), query_grid=(2, 2), q2p=q2p)
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_query_to_image(e))] == [
+        "Query-to-Patch weight (min–max per query)"]
+    fig = viz.plot_query_to_image(e, normalize="global")
+    (bar,) = _colorbars(fig)
+    assert bar.get_ylabel() == "Query-to-Patch weight (one scale for all queries)"
+    np.testing.assert_allclose(bar.get_ylim(), (0.0, 4.0))
+    # Each query's own patch (query 0: top-left of tile 0; query 3: bottom-right of tile 3) at full opacity and
+    # white (gray colormap) when each tile has its own scale; on the shared scale query 0 is a quarter of the way.
+    hot_pixels = {}
+    for normalize in ("per_map", "global"):
+        mosaic, *_ = viz.query_mosaic(e, alpha=1.0, cmap="gray", interpolation="nearest", tile_px=20, gap_px=0,
+                                      normalize=normalize)
+        hot_pixels[normalize] = (int(mosaic[0, 0, 0]), int(mosaic[20 + 10, 20 + 10, 0]))
+    assert hot_pixels["per_map"] == (255, 255)
+    assert hot_pixels["global"][1] == 255 and hot_pixels["global"][0] < 200
+
+
+def test_144_queries_decomposition_shows_the_top_queries_labelled_and_framed():
+    gen = torch.Generator().manual_seed(3)
+    t2q = torch.rand(2, 144, generator=gen)
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), q2p="identity", t2q=t2q, words=["a", "b"], text="a b",
+                  image_hw=(96, 96))
+    top16 = torch.argsort(t2q.mean(0), descending=True)[:16].tolist()
+    fig = viz.plot_decomposition(e, top_k=5)
+    q2i = fig.axes[2]
+    assert "top 16 of 144 queries" in q2i.get_title()
+    assert [int(t.get_text()) for t in q2i.texts] == top16  # each tile labelled with its query index
+    frames = [p for p in q2i.patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert len(frames) == 5
+    t2q_frames = [p for p in fig.axes[1].patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert len(t2q_frames) == 5  # the same queries framed in the R_t2q panel
+    assert "red frames: the top-5 queries by sentence $R_{t2q}$" in fig._suptitle.get_text()
+    assert len(viz.plot_decomposition(e, queries=None).axes[2].texts) == 0  # all 144, on the query grid
+    # The standalone figure grows with the grid: 12×12 tiles get about 0.6 inch each.
+    assert viz.plot_query_to_image(e).get_size_inches()[0] >= 7.0
+    assert viz.plot_query_to_image(e, queries=4).get_size_inches()[0] < 5.0
+
+
+def test_query_mosaic_of_chosen_queries_shows_their_patches():
+    e = make_expl(patch_grid=(4, 4), query_grid=(4, 4), image_hw=(40, 40), q2p="identity")
+    mosaic, (th, tw), grid = viz.query_mosaic(e, alpha=1.0, cmap="gray", interpolation="nearest", tile_px=40,
+                                              gap_px=0, queries=[5, 14, 0])
+    assert grid == (1, 3) or grid == (2, 2)
+    cols = grid[1]
+    for k, q in enumerate([5, 14, 0]):
+        r, c = divmod(k, cols)
+        tile = mosaic[r * 40: r * 40 + 40, c * 40: c * 40 + 40, 0]
+        (ys, xs) = np.nonzero(tile == 255)
+        assert (ys.min() // 10, xs.min() // 10) == divmod(q, 4) and len(ys) == 100
+    with pytest.raises(ValueError, match="queries"):
+        viz.query_mosaic(e, queries=[16])
+
+
+def test_all_zero_map_says_no_relevance():
+    e = make_expl(t2q=torch.zeros(5, 4))
+    for fig in (viz.plot_text_to_image(e), viz.plot_words(e), viz.plot_comparison([e], words=["pot"]),
+                viz.plot_decomposition(e)):
+        assert any("no relevance" in t for t in _texts(fig))
+    assert not any("no relevance" in t for t in _texts(viz.plot_text_to_image(make_expl())))
+    (bar,) = _colorbars(viz.plot_text_to_image(e))
+    assert bar.get_ylabel() == "relevance (constant map)" and [t.get_text() for t in bar.get_yticklabels()] == ["0"]
+    # On a shared scale a constant non-zero map is a real value: no note; an all-zero one still gets it.
+    half = make_expl(t2q=torch.cat([torch.zeros(1, 4), torch.rand(4, 4)]))
+    fig = viz.plot_words(half, words=["A"], include_sentence=False, normalize="global")
+    assert any("no relevance" in t for t in _texts(fig))
+
+
+def test_note_reaches_every_title(tmp_path):
+    e = make_expl()
+    note = "out of domain: the models know nothing about photos"
+    for fig in (viz.plot_comparison([e], words=["pot"], note=note), viz.plot_text_to_image(e, note=note),
+                viz.plot_words(e, note=note), viz.plot_decomposition(e, note=note),
+                viz.plot_query_to_image(e, note=note), viz.plot_text_to_query(e, note=note)):
+        assert any(f"[{note}]" in " ".join(t.split()) for t in _texts(fig))
+    specs = viz.figure_specs(e, words=True, note=note, normalize="global")
+    assert specs and all(any(note in " ".join(t.split()) for t in _texts(make())) for _, _, make in specs)
+    with pytest.raises(ValueError, match="unknown plot options"):
+        viz.save_figures(e, tmp_path, words=False, title="x")
+
+
+def test_words_colorbar_says_which_scale():
+    e = make_expl()
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e))] == ["relevance (min–max of each map)"]
+    assert [c.get_ylabel() for c in _colorbars(viz.plot_words(e, normalize="global"))] == [
+        "relevance (one scale for all panels)"]
+
+
+def test_constant_text_to_query_frames_nothing():
+    e = make_expl(patch_grid=(12, 12), query_grid=(12, 12), q2p="identity", t2q=torch.zeros(2, 144),
+                  words=["a", "b"], text="a b", image_hw=(48, 48))
+    fig = viz.plot_decomposition(e)  # 144 queries, all equally (ir)relevant: the first 16 tiles, no frames
+    red = [p for ax in fig.axes for p in ax.patches if p.get_edgecolor()[0] > 0.8 and p.get_edgecolor()[1] < 0.2]
+    assert not red and [int(t.get_text()) for t in fig.axes[2].texts] == list(range(16))

@@ -12,8 +12,10 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import json
+from pathlib import Path
+
+from rgae.cli_base import HelpFormatter, UsageError, check_input_folder, check_output_folder, help_text, user_errors
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -22,8 +24,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert LLaVA / DeCo / llava-hf checkpoints into a deco folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_text(__doc__),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("src", help="checkpoint folder or file (layout detected from its files)")
     parser.add_argument("dst", nargs="?", help="new output folder (must not exist or be empty)")
@@ -31,33 +33,52 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--vision-tower", default=None, help="local vision model folder overriding mm_vision_tower")
     parser.add_argument("--projector", default=None, help="spec of a bare mm_projector.bin, e.g. avgpool2_144")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype (default: the checkpoint's)")
-    parser.add_argument("--image-aspect", default=None, choices=("pad", "square"), help="processor image handling")
-    parser.add_argument("--template", default=None, choices=("plain", "vicuna_v1"), help="processor chat template")
+    parser.add_argument("--image-aspect", default=None, choices=("pad", "square"),
+                        help="processor image handling: pad to square (LLaVA-1.5) or stretch (default: as saved)")
+    parser.add_argument("--template", default=None, choices=("plain", "vicuna_v1"),
+                        help="processor chat template (default: as saved, else vicuna_v1)")
     parser.add_argument("--detect-only", action="store_true", help="print the detected layout and exit")
     parser.set_defaults(func=run)
 
 
+def _check_arguments(args) -> None:
+    """The cheap checks, before the source checkpoint is read."""
+    from deco_models.cli_base import check_model
+
+    check_model(args.src, "src")
+    for option, value in (("--base", args.base), ("--vision-tower", args.vision_tower)):
+        if value is not None:
+            check_input_folder(value, option, what="a model folder")
+    if args.detect_only:
+        return
+    if not args.dst:
+        raise UsageError("dst is required unless --detect-only is given")
+    dst = check_output_folder(args.dst, "dst")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise UsageError(f"dst {args.dst} exists and is not empty; choose a new folder")
+
+
 def run(args) -> int:
+    _check_arguments(args)
     import torch
 
     from deco_models.convert import convert_llava_checkpoint
-    from deco_models.loading import detect_layout
+    from deco_models.loading import CheckpointError, detect_layout
 
     layout = detect_layout(args.src)
     if args.detect_only:
         print(json.dumps({"src": args.src, "layout": layout}))
         return 0
-    if not args.dst:
-        raise SystemExit("deco convert: dst is required unless --detect-only is given")
-    dst = convert_llava_checkpoint(
-        args.src,
-        args.dst,
-        base=args.base,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        vision_tower=args.vision_tower,
-        projector_type=args.projector,
-        image_aspect=args.image_aspect,
-        chat_template=args.template,
-    )
+    with user_errors(CheckpointError):
+        dst = convert_llava_checkpoint(
+            args.src,
+            Path(args.dst),
+            base=args.base,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            vision_tower=args.vision_tower,
+            projector_type=args.projector,
+            image_aspect=args.image_aspect,
+            chat_template=args.template,
+        )
     print(json.dumps({"src": args.src, "layout": layout, "dst": str(dst)}))
     return 0

@@ -72,11 +72,10 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_path(args: argparse.Namespace) -> int:
     from deco_models import zoo
+    from rgae.cli_base import user_errors
 
-    try:
+    with user_errors(ValueError):
         entry = zoo.resolve(args.name)
-    except ValueError as exc:
-        raise SystemExit(f"deco zoo: {exc}") from None
     print(entry.path)
     print(entry.base)
     return 0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deco_models.projectors.registry import Projector, ProjectorSpec, register_projector
+from rgae.attention_capture import is_capture_implementation
 
 # The transformers class whose forward returns (context, attention_probs) in eager mode; hooks read output[1].
 ATTENTION_MODULE_CLASS = "Blip2QFormerMultiHeadAttention"
@@ -132,9 +133,11 @@ class QFormerProjector(Projector):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         self._check_input(image_features)
-        if self.qformer.config._attn_implementation != "eager":
+        impl = self.qformer.config._attn_implementation
+        if impl != "eager" and not is_capture_implementation(impl):
             # A parent model's set_attn_implementation("sdpa") can reach this nested PreTrainedModel; the Q-Former is
             # tiny next to the LLM, and without eager its hooks would see None instead of attention probabilities.
+            # rgae's interface capture (rgae+eager, ...) wraps the kernel and needs no probabilities from it.
             self.qformer.config._attn_implementation = "eager"
         patches = image_features if self.qformer_input_proj is None else self.qformer_input_proj(image_features)
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1)

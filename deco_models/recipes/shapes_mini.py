@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from deco_models.data import shapes
+from rgae.io import normal_file_modes
 
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>", "image": "<image>"}
 VISION_SIZES = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -178,7 +179,8 @@ def pretrain_vision(out_dir: str | os.PathLike, steps: int = 500, batch: int = 3
                                   "time": time.time()}) + "\n")
             log.flush()
     model.eval()
-    model.save_pretrained(out)
+    with normal_file_modes(out):  # safetensors writes owner-only files
+        model.save_pretrained(out)
     return out
 
 
@@ -239,8 +241,9 @@ def pretrain_llm(out_dir: str | os.PathLike, tokenizer, steps: int = 300, batch:
             log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time()}) + "\n")
             log.flush()
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with normal_file_modes(out):  # safetensors writes owner-only files
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
 
 
@@ -713,9 +716,11 @@ def ship(run_root: str | os.PathLike, zoo_dir: str | os.PathLike, projectors=PRO
 
 
 def recipe(overrides: dict, resume=None):
-    """``deco train --recipe shapes-mini [--recipe.out DIR] [--recipe.quick] [--recipe.ship DIR]
-    [--recipe.projectors mlp2x_gelu,avgpool2_36] [--recipe.finetune_steps N ...]`` (the run always resumes:
-    finished steps are skipped)."""
+    """Re-train the shipped mini zoo on the shapes world (about 29 min on 2 CPU cores; ``--recipe.quick``: every
+    step at toy sizes). The run always resumes: finished steps are skipped.
+
+    ``deco train --recipe shapes-mini [--recipe.out DIR] [--recipe.quick] [--recipe.ship DIR]
+    [--recipe.projectors mlp2x_gelu,avgpool2_36] [--recipe.finetune_steps N ...]``"""
     options = {}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -729,6 +734,10 @@ def recipe(overrides: dict, resume=None):
         projectors = [p.strip() for p in projectors.split(",") if p.strip()]
     return run(out, quick=bool(options.pop("quick", False)), projectors=projectors,
                ship_to=options.pop("ship", None), **options)
+
+
+# What `deco train --help` lists and the command line checks before the (30-minute) run starts.
+recipe.options = {"out": "runs/shapes-mini", "quick": False, "ship": None, **FULL}
 
 
 try:  # registration is optional: the recipe's functions work without the training registry

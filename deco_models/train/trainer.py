@@ -192,6 +192,13 @@ class DecoTrainer(Trainer):
         model.load_state_dict(state, strict=False)
         logger.info("resumed %d trained tensors from %s", len(state), path)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # safetensors writes model/adapter files owner-only (0600); they get the umask's normal mode like the rest.
+        from rgae.io import normal_file_modes
+
+        with normal_file_modes(output_dir if output_dir is not None else self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
+
     def _save_checkpoint(self, model, trial) -> None:
         # Rotation is deferred until the new checkpoint is marked complete, so a kill mid-save never leaves us with
         # only a half-written checkpoint.
@@ -512,9 +519,12 @@ def train(
     trainer.save_model(output_dir)
     exports = {}
     if args.should_save:
-        exports = _export_llava_layout(trainer.model, config, output_dir)
-        if config.train.save_merged:
-            exports["merged"] = _save_merged(trainer.model, processor, Path(output_dir) / "merged")
+        from rgae.io import normal_file_modes
+
+        with normal_file_modes(output_dir):  # save_pretrained's safetensors files would be owner-only
+            exports = _export_llava_layout(trainer.model, config, output_dir)
+            if config.train.save_merged:
+                exports["merged"] = _save_merged(trainer.model, processor, Path(output_dir) / "merged")
     trainer.accelerator.wait_for_everyone()
     skipped = dict(getattr(train_dataset, "bad_images", {}) or {})
     if skipped:

@@ -91,18 +91,21 @@ def load(name: str, attn_implementation: str | None = "eager"):
     """Load a shipped model offline: ``(model, processor)`` in eval mode, LoRA merged.
 
     The model folder is LLaVA's published LoRA layout; it is loaded by :func:`deco_models.load` over the shared base
-    (LLM + tokenizer from ``base/llm``, vision tower from ``base/vision``). Eager attention by default: the
-    explainers need the attention probabilities.
+    (LLM + tokenizer from ``base/llm``, vision tower from ``base/vision``). Eager attention by default, the kernel
+    the shipped metrics were measured with; the explainers work with any (``attn_implementation="sdpa"``).
 
     Example:
         >>> model, processor = load("shapes-mini-avgpool2_36")  # doctest: +SKIP
         >>> model.config.num_image_tokens  # doctest: +SKIP
         36
     """
-    from deco_models.recipes.shapes_mini import load_trained
+    from deco_models.loading import load as load_model
+    from rgae.verbosity import quiet_loading
 
     entry = resolve(name)
-    return load_trained(entry.base, entry.path, attn_implementation=attn_implementation)
+    with quiet_loading():  # three from_pretrained calls: three "Loading weights" bars otherwise
+        return load_model(str(entry.path), base=str(entry.base / "llm"), vision_tower=str(entry.base / "vision"),
+                          attn_implementation=attn_implementation)
 
 
 __all__ = ["ZooEntry", "available", "is_zoo_name", "load", "resolve", "ZOO_DIR"]

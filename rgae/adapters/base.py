@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rgae.layout import ImageLayout, View
+
 #: Projector kinds and the Query-to-Patch rule each one gets (see rgae.methods.rgae).
 PROJECTOR_KINDS = ("linear", "mlp", "avgpool", "maxpool", "qformer", "cabstractor", "dabstractor")
 
@@ -74,6 +76,17 @@ class ModelAdapter:
         vision_feature_layer: the hidden-state index whose features feed the projector.
         image_token_id: the placeholder id of image tokens in ``input_ids``.
         projector_type: the spec string (``mlp2x_gelu``, ``avgpool2_144``, ...), for the record.
+        llm_attention_kinds: ``"self"`` or ``"cross"`` for each of ``llm_attention``; None: all self-attention. An
+            LLM with cross-attention layers (Mllama) reads the image through them as their keys, not as tokens of
+            its sequence; the layout's ``positions`` then index those keys.
+        projector_input: the keyword argument carrying the patch features into a projector that is called with
+            keywords only (BLIP-2's Q-Former: ``"encoder_hidden_states"``); None: its first positional argument.
+        prompt_template: how the family wraps an instruction when its processor has no chat template, with
+            ``{image}`` and ``{instruction}`` fields (PaliGemma: ``"{image}{instruction}"``, its processor adds the
+            rest); None: LLaVA's plain ``USER: {image}\n{instruction} ASSISTANT:``.
+        target_token_values: the value per-token model inputs (processor outputs shaped like ``input_ids``) take
+            over the target text, by input name; 0 (text) for the others. PaliGemma's ``token_type_ids`` mark the
+            target as the causal suffix: ``{"token_type_ids": 1}``.
     """
 
     model: nn.Module
@@ -91,6 +104,10 @@ class ModelAdapter:
     feature_prefix: int = 0
     projector_attention: list[tuple[str, nn.Module]] = field(default_factory=list)
     projector_type: str | None = None
+    llm_attention_kinds: tuple[str, ...] | None = None
+    projector_input: str | None = None
+    prompt_template: str | None = None
+    target_token_values: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.projector_kind not in PROJECTOR_KINDS:
@@ -102,6 +119,19 @@ class ModelAdapter:
             self.query_grid = _as_hw(self.query_grid)
         elif not self.is_identity:
             raise ValueError(f"a {self.projector_kind!r} projector needs a query_grid")
+        if self.llm_attention_kinds is not None:
+            self.llm_attention_kinds = tuple(self.llm_attention_kinds)
+            if len(self.llm_attention_kinds) != len(self.llm_attention) or not set(self.llm_attention_kinds) <= {
+                    "self", "cross"}:
+                raise ValueError(
+                    f"llm_attention_kinds must give 'self' or 'cross' for each of the {len(self.llm_attention)} LLM "
+                    f"attention modules, got {self.llm_attention_kinds!r}"
+                )
+
+    @property
+    def sees_image_through_cross_attention(self) -> bool:
+        """The LLM reads the image as cross-attention keys (Mllama), not as image tokens in its sequence."""
+        return self.llm_attention_kinds is not None and "cross" in self.llm_attention_kinds
 
     # ---- geometry --------------------------------------------------------------------------------------------
     @property
@@ -147,6 +177,69 @@ class ModelAdapter:
     def max_positions(self) -> int | None:
         cfg = getattr(self.model.config, "text_config", self.model.config)
         return getattr(cfg, "max_position_embeddings", None)
+
+    # ---- per-call: the processor's outputs -> model inputs and image layout ----------------------------------
+    #: Processor outputs that are not model inputs (the text is rebuilt as prompt + target by the explainer).
+    NON_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+    def model_inputs(self, batch) -> dict[str, torch.Tensor]:
+        """The processor outputs the model's forward takes besides ``input_ids``/``attention_mask``: every tensor
+        of ``batch`` (``pixel_values``, ``image_sizes``, ``pixel_attention_mask``, ``token_type_ids``, ...).
+        Tensors shaped like ``input_ids`` are per-token and get extended over the target by the explainer."""
+        return {
+            k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in self.NON_MODEL_KEYS
+        }
+
+    def view_box(self, processor, batch, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The original-image region (pixels) the single view shows (:mod:`rgae.adapters.geometry`).
+
+        A processor that says where the image lies in what the model saw (``batch.image_info[0].content_box`` and
+        ``.model_image``, as deco's processor does) is read directly; otherwise the image processor's resize and
+        center-crop settings decide."""
+        from rgae.adapters.geometry import content_box_view, resize_crop_box
+
+        info = getattr(batch, "image_info", None)
+        if info:
+            model_hw = tuple(info[0].model_image.shape[:2])
+            return content_box_view(info[0].content_box, model_hw, image_size)
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None:
+            raise ValueError(
+                f"{type(processor).__name__} has no image_processor: cannot place the patches in the image"
+            )
+        return resize_crop_box(image_processor, image_size)
+
+    def static_query_to_patch(self) -> tuple[torch.Tensor | None, str]:
+        """``([M, N] float64 or None, rule)``: the connector's Query-to-Patch map when it is fixed by its structure.
+
+        Identity for token-wise projectors (a kept CLS query is a placeholder row), the pooling operator for pooled
+        ones (also the geometric support of max pooling and the abstractors, whose exact rule depends on the
+        target), None for the Q-Former (its map is propagated)."""
+        from rgae.rules import pooling_map
+
+        kind = self.projector_kind
+        if kind in ("linear", "mlp"):
+            eye = torch.eye(self.n_patches, dtype=torch.float64)
+            if self.feature_prefix:
+                eye = torch.cat([torch.zeros(self.feature_prefix, self.n_patches, dtype=torch.float64), eye])
+            return eye, "identity"
+        if kind == "qformer":
+            return None, "qformer_gae"
+        rule = "pooling" if kind == "avgpool" else "gradient"
+        return pooling_map(self.patch_grid, self.query_grid, dtype=torch.float64), rule
+
+    def layout(self, processor, batch, image_size: tuple[int, int]) -> ImageLayout:
+        """The :class:`~rgae.layout.ImageLayout` of one image in ``batch`` (the processor's output for one prompt):
+        a single view over the patch grid, the image tokens at ``image_token_id``."""
+        positions = self.image_positions(batch["input_ids"])
+        q2p, rule = self.static_query_to_patch()
+        placeholder = torch.zeros(positions.numel(), dtype=torch.bool)
+        placeholder[: self.feature_prefix if self.is_identity else 0] = True
+        box = self.view_box(processor, batch, image_size)
+        return ImageLayout(
+            image_size, (View("image", self.patch_grid, box),), positions, q2p, placeholder, rule,
+            self.query_grid if self.query_grid is not None else None,
+        )
 
     def describe(self) -> dict:
         return {

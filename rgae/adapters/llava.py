@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rgae.adapters import Family
 from rgae.adapters.base import ModelAdapter, _as_hw, leaf_attention_modules
 
 
@@ -19,6 +20,21 @@ def llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
             raise ValueError(f"{type(model).__name__} has no {name}; is it a LLaVA-style model?")
         parts.append(part)
     return tuple(parts)
+
+
+def llava_fields(model: nn.Module) -> dict:
+    """The :class:`~rgae.adapters.base.ModelAdapter` fields every LLaVA-pattern family reads the same way: the three
+    parts, their attention modules (by class), the image token id."""
+    language_model, vision_tower, projector = llava_parts(model)
+    return dict(
+        model=model,
+        language_model=language_model,
+        vision_tower=vision_tower,
+        projector=projector,
+        llm_attention=leaf_attention_modules(language_model),
+        vision_attention=leaf_attention_modules(vision_tower),
+        image_token_id=int(model.config.image_token_id),
+    )
 
 
 def vision_geometry(model: nn.Module, vision_tower: nn.Module) -> tuple[tuple[int, int], int, int, int]:
@@ -53,21 +69,24 @@ def vision_geometry(model: nn.Module, vision_tower: nn.Module) -> tuple[tuple[in
 
 def llava_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter of a stock ``LlavaForConditionalGeneration``."""
-    language_model, vision_tower, projector = llava_parts(model)
-    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, vision_tower)
+    fields = llava_fields(model)
+    grid, vision_prefix, feature_prefix, layer = vision_geometry(model, fields["vision_tower"])
     return ModelAdapter(
-        model=model,
-        language_model=language_model,
-        vision_tower=vision_tower,
-        projector=projector,
-        llm_attention=leaf_attention_modules(language_model),
-        vision_attention=leaf_attention_modules(vision_tower),
+        **fields,
         projector_kind="mlp",
         patch_grid=grid,
         query_grid=grid if feature_prefix == 0 else None,
-        image_token_id=int(model.config.image_token_id),
         vision_feature_layer=layer,
         vision_prefix=vision_prefix,
         feature_prefix=feature_prefix,
         projector_type="mlp2x_gelu",
     )
+
+
+FAMILY = Family(
+    name="llava",
+    model_classes=("LlavaForConditionalGeneration",),
+    build=llava_adapter,
+    connector="2-layer MLP per patch token (llava-hf checkpoints)",
+    query_to_patch="identity: token i is patch i",
+)

@@ -9,68 +9,75 @@ step-by-step generation of the same target would give (tests/test_reference.py c
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from rgae.adapters import ModelAdapter, get_adapter
 from rgae.explanation import Explanation
+from rgae.images import load_pil_image
+from rgae.layout import ImageLayout
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."
 
 
-def load_image(image) -> Any:
+class InputError(ValueError):
+    """What was passed to ``attribute`` (image, prompt, target) cannot be explained: a ``ValueError`` that says
+    what was expected. Command lines print it as a one-line usage error; other ValueErrors are bugs."""
+
+
+def load_image(image):
     """A PIL RGB image from a path, a PIL image or an array, in any mode (one image: batches are refused).
 
-    Conversion is :func:`deco_models.processing.load_image`'s: grayscale replicated, alpha composited on white,
-    16-bit scaled (not clipped), floats read as [0, 1]; a missing or corrupt file raises ``ValueError``.
+    Conversion is :func:`rgae.images.load_pil_image`'s: grayscale replicated, alpha composited on white, 16-bit
+    scaled (not clipped), floats read as [0, 1]; what cannot be read raises :class:`InputError`.
 
     Example:
         >>> import numpy as np
         >>> load_image(np.zeros((4, 5), dtype=np.uint16)).size, load_image(np.zeros((4, 5), dtype=np.uint16)).mode
         ((5, 4), 'RGB')
     """
-    from PIL import Image
-
-    from deco_models.processing import load_image as load_rgb_array
-
-    if isinstance(image, list | tuple):
-        raise ValueError("explain one image at a time (batch size 1); got a sequence of images")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 4:
-            if image.shape[0] != 1:
-                raise ValueError(f"explain one image at a time (batch size 1); got an array of shape {image.shape}")
-            image = image[0]
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-            image = np.moveaxis(image, 0, -1)  # [C, H, W] -> [H, W, C]
-        if image.size == 0:
-            raise ValueError(f"image array is empty (shape {image.shape})")
-        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise ValueError("image array contains NaN or inf")
-    if isinstance(image, Image.Image) and image.mode == "RGB":
-        return image
     try:
-        rgb = load_rgb_array(image)
-    except FileNotFoundError as exc:
-        raise ValueError(str(exc)) from None
-    return Image.fromarray(rgb, mode="RGB")
+        return load_pil_image(image)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def unknown_words(tokenizer, text: str, ids=None) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` maps (in part) to its unknown token, in order, each once.
+
+    Example:
+        >>> from tests.tiny import tiny_tokenizer
+        >>> unknown_words(tiny_tokenizer(["a", "red", "circle"]), "a red kangaroo")
+        ['kangaroo']
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    if ids is not None and unk not in list(ids):
+        return []  # the common case: one look at the ids, no per-word tokenization
+    found: list[str] = []
+    for word in text.split():
+        if word not in found and unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            found.append(word)
+    return found
 
 
 def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def build_prompt(processor, prompt: str | None) -> str:
-    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template (or a
-    plain ``USER: <image>\\n... ASSISTANT:`` template when the processor has none) around the instruction."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
+    """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
+    the instruction; a processor without one gets ``template`` (``{image}``/``{instruction}`` fields: the adapter's
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:`` template."""
+    image_token = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2 keeps an AddedToken
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
+            raise InputError(f"prompt must be a non-empty string or None, got {prompt!r}")
         if image_token in prompt:
             return prompt
     instruction = prompt or DEFAULT_INSTRUCTION
@@ -79,6 +86,8 @@ def build_prompt(processor, prompt: str | None) -> str:
     if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if template is not None:
+        return template.format(image=image_token, instruction=instruction)
     return f"USER: {image_token}\n{instruction} ASSISTANT:"
 
 
@@ -92,11 +101,17 @@ class PreparedInputs:
     target_ids: torch.Tensor  # [T]
     target_text: str
     prompt: str
-    image_positions: torch.Tensor  # [M]
-    image: np.ndarray | None
-    content_box: tuple[int, int, int, int] | None
+    layout: ImageLayout  # where the image tokens are and which patches / pixels they come from
+    image: np.ndarray  # uint8 [H, W, 3]: the original image
     word_ids: list[int] | None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other model inputs (image_sizes, ...)
+    target_values: dict[str, int] = field(default_factory=dict)  # per-token inputs' value over the target (else 0)
+    unknown_words: list[str] = field(default_factory=list)  # target words the tokenizer maps to its unknown token
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """``[M]`` sequence positions of the image's tokens (on the inputs' device)."""
+        return self.layout.positions.to(self.input_ids.device)
 
     @property
     def target_positions(self) -> torch.Tensor:
@@ -108,32 +123,28 @@ class PreparedInputs:
         return self.target_positions - 1
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the teacher-forced forward. Per-token processor outputs (``token_type_ids``,
+        ``mm_token_type_ids``: shaped like the prompt's ids) are extended over the target with 0, the value of text,
+        or with ``target_values[name]`` (the adapter's ``target_token_values``); per-token outputs with more axes
+        (Mllama's ``cross_attention_mask [1, S, images, tiles]``: what each token sees) repeat the prompt's last row,
+        as ``generate`` extends them."""
+        total = self.input_ids.shape[1]
+        extra = {}
+        for key, value in self.extra.items():
+            if value.ndim >= 2 and value.shape[:2] == (1, self.prompt_len) and total > self.prompt_len:
+                if value.ndim == 2:
+                    pad = torch.full((1, total - self.prompt_len), self.target_values.get(key, 0), dtype=value.dtype,
+                                     device=value.device)
+                else:
+                    pad = value[:, -1:].expand(1, total - self.prompt_len, *value.shape[2:])
+                value = torch.cat([value, pad], dim=1)
+            extra[key] = value
         return {
             "input_ids": self.input_ids,
             "pixel_values": self.pixel_values,
             "attention_mask": torch.ones_like(self.input_ids),
-            **self.extra,
+            **extra,
         }
-
-
-def _image_processor_stats(processor):
-    ip = getattr(processor, "image_processor", None)
-    mean = getattr(ip, "image_mean", None)
-    std = getattr(ip, "image_std", None)
-    scale = getattr(ip, "rescale_factor", 1 / 255)
-    return mean, std, scale
-
-
-def model_seen_image(processor, pixel_values: torch.Tensor) -> np.ndarray | None:
-    """``uint8 [H, W, 3]``: the pixels the model saw, recovered by undoing the processor's normalization."""
-    mean, std, scale = _image_processor_stats(processor)
-    pv = pixel_values.detach().float().cpu()[0]
-    if pv.ndim != 3 or pv.shape[0] != 3:
-        return None
-    mean_t = torch.tensor(mean if mean is not None else [0.0] * 3).view(3, 1, 1)
-    std_t = torch.tensor(std if std is not None else [1.0] * 3).view(3, 1, 1)
-    img = (pv * std_t + mean_t) / float(scale or 1 / 255)
-    return img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 class Explainer:
@@ -160,40 +171,33 @@ class Explainer:
         return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
 
     def encode_prompt(self, image, prompt: str | None):
+        """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
         pil = load_image(image)
-        text = build_prompt(self.processor, prompt)
+        text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:
             batch = self.processor(text=text, images=pil, return_tensors="pt")
-        input_ids = batch["input_ids"].to(self.device)
+        input_ids = batch["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
-        pixel_values = batch["pixel_values"].to(self.device, self.dtype)
-        extra = {k: v.to(self.device) for k, v in batch.items() if k in ("image_sizes",) and v is not None}
-        content_box = None
-        image_np = None
-        info = getattr(batch, "image_info", None)
-        if info:  # a processor that pads/resizes (DecoProcessor) says what the model saw and where the image is
-            image_np = np.asarray(info[0].model_image, dtype=np.uint8)
-            box = getattr(info[0], "content_box", None)
-            content_box = None if box is None else tuple(int(round(float(v))) for v in box)
-        if image_np is None:
-            image_np = model_seen_image(self.processor, pixel_values)
-        if content_box is None and image_np is not None:
-            content_box = (0, 0, int(image_np.shape[1]), int(image_np.shape[0]))
-        return text, input_ids, pixel_values, extra, image_np, content_box
+        layout = self.adapter.layout(self.processor, batch, (pil.height, pil.width))
+        inputs = {}
+        for key, value in self.adapter.model_inputs(batch).items():
+            value = value.to(self.device)
+            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return text, input_ids.to(self.device), inputs, layout, np.array(pil, dtype=np.uint8)
 
     def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
         if not isinstance(target, str):
-            raise ValueError(f"target must be a string (or None to explain the model's own answer), got {target!r}")
+            raise InputError(f"target must be a string (or None to explain the model's own answer), got {target!r}")
         if not target.strip():
-            raise ValueError("target is empty: give the text to explain, or target=None to explain the model's answer")
+            raise InputError("target is empty: give the text to explain, or target=None to explain the model's answer")
         tok = tokenizer_of(self.processor)
         enc = tok(target, add_special_tokens=False)
         ids = list(enc["input_ids"])
         if not ids:
-            raise ValueError(f"target {target!r} tokenizes to no tokens")
+            raise InputError(f"target {target!r} tokenizes to no tokens")
         word_ids = None
         try:
             wids = enc.word_ids()
@@ -228,28 +232,39 @@ class Explainer:
                 break
             keep.append(t)
         if not keep:
-            raise ValueError("the model generated no tokens to explain (it ended at once); pass target= explicitly")
+            raise InputError("the model generated no tokens to explain (it ended at once); pass target= explicitly")
         return torch.tensor(keep, dtype=torch.long)
 
     def prepare(self, image, target: str | None, prompt: str | None, max_new_tokens: int = 32) -> PreparedInputs:
-        text, prompt_ids, pixel_values, extra, image_np, content_box = self.encode_prompt(image, prompt)
+        text, prompt_ids, model_inputs, layout, image_np = self.encode_prompt(image, prompt)
+        pixel_values = model_inputs.pop("pixel_values")
+        extra = model_inputs
         tok = tokenizer_of(self.processor)
         if target is None:
             target_ids = self.generate_target(prompt_ids, pixel_values, extra, max_new_tokens)
             target_text = tok.decode(target_ids.tolist(), skip_special_tokens=True)
             word_ids = None
+            unknown = []
         else:
             target_ids, word_ids = self.tokenize_target(target)
             target_text = target
+            unknown = unknown_words(tok, target, target_ids.tolist())
+            if unknown:
+                warnings.warn(
+                    f"target word(s) {', '.join(repr(w) for w in unknown)} are not in the tokenizer's vocabulary: "
+                    f"they become the unknown token {getattr(tok, 'unk_token', None)!r}, so their maps explain that "
+                    "token, not the word (Explanation.options['unknown_words'] records them)",
+                    UserWarning,
+                    stacklevel=3,
+                )
         limit = self.adapter.max_positions
         total = prompt_ids.shape[1] + target_ids.numel()
         if limit is not None and total > limit:
-            raise ValueError(
+            raise InputError(
                 f"prompt ({prompt_ids.shape[1]} tokens) + target ({target_ids.numel()} tokens) = {total} tokens is "
                 f"longer than the model's context (max_position_embeddings = {limit})"
             )
         input_ids = torch.cat([prompt_ids, target_ids.view(1, -1).to(prompt_ids.device)], dim=1)
-        image_positions = self.adapter.image_positions(prompt_ids)
         return PreparedInputs(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -257,11 +272,12 @@ class Explainer:
             target_ids=target_ids.to(self.device),
             target_text=target_text,
             prompt=text,
-            image_positions=image_positions,
+            layout=layout,
             image=image_np,
-            content_box=content_box,
             word_ids=word_ids,
             extra=extra,
+            target_values=dict(self.adapter.target_token_values),
+            unknown_words=unknown,
         )
 
     # ---- outputs ---------------------------------------------------------------------------------------------
@@ -296,19 +312,17 @@ class Explainer:
         tok = tokenizer_of(self.processor)
         ids = inputs.target_ids.tolist()
         tokens = tok.convert_ids_to_tokens(ids)
-        query_grid = self.adapter.query_grid
-        if (
-            text_to_query is not None
-            and query_grid is not None
-            and query_grid[0] * query_grid[1] != text_to_query.shape[1]
-        ):
+        layout = inputs.layout
+        query_grid = layout.query_grid
+        if text_to_query is not None and query_grid is not None and math.prod(query_grid) != text_to_query.shape[1]:
             query_grid = None
         return Explanation(
             method=self.method,
             target_text=inputs.target_text,
             output_tokens=[str(t) for t in tokens],
             text_to_patch=text_to_patch.detach().cpu(),
-            patch_grid=self.adapter.patch_grid,
+            patch_grid=layout.views[0].grid if layout.is_single_grid else None,
+            layout=layout,
             text_to_query=None if text_to_query is None else text_to_query.detach().cpu(),
             query_to_patch=None if query_to_patch is None else query_to_patch.detach().cpu(),
             query_grid=query_grid,
@@ -316,7 +330,6 @@ class Explainer:
             token_probs=token_probs,
             word_ids=inputs.word_ids,
             image=inputs.image,
-            content_box=inputs.content_box,
             input_ids=inputs.input_ids.detach().cpu(),
             pixel_values=inputs.pixel_values.detach().cpu(),
             target_positions=inputs.target_positions.detach().cpu(),
@@ -324,7 +337,7 @@ class Explainer:
             prompt=inputs.prompt,
             projector_type=self.adapter.projector_type,
             model_name=self.model_name,
-            options=dict(options or {}),
+            options={**(options or {}), **({"unknown_words": inputs.unknown_words} if inputs.unknown_words else {})},
         )
 
     # ---- API -------------------------------------------------------------------------------------------------

@@ -76,6 +76,12 @@ class Occlusion(Explainer):
             raise ValueError(f"backend must be 'captum' or 'torch', got {backend!r}")
         ad = self.adapter
         pv = inputs.pixel_values
+        if pv.ndim != 4 or not inputs.layout.is_single_grid:
+            raise ValueError(
+                f"occlusion is not supported yet for {type(self.model).__name__}: it blanks patches of one grid in "
+                f"pixel_values [1, C, H, W], but this model's are {tuple(pv.shape)} over {len(inputs.layout.views)} "
+                "view(s) (tiles)"
+            )
         index_map = patch_index_map(tuple(pv.shape[-2:]), ad.patch_grid)
         prompt_inputs = {
             "input_ids": inputs.input_ids[:, : inputs.prompt_len],

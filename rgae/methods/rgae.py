@@ -44,26 +44,39 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from rgae.capture import AttentionRecorder, eager_attention, explain_mode
 from rgae.methods.base import Explainer, PreparedInputs
-from rgae.rules import identity_map, normalize_residual, pooling_map, propagate, propagate_cross_stack, propagate_rows
+from rgae.methods.relevance import coverage_options, relevance_source
+from rgae.rules import identity_map, normalize_residual, pooling_map, propagate_cross_stack
 
 
 class ProjectorIO:
-    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens)."""
+    """Forward hook keeping the projector's input (patch features) and output (LLM image tokens).
 
-    def __init__(self, projector):
+    The input is the projector's first positional argument, or its keyword argument ``input_key`` for projectors
+    called with keywords only (BLIP-2's Q-Former reads the patches as ``encoder_hidden_states``).
+
+    ``require_graph``: an output without a graph (frozen parameters, nothing upstream requires grad) is replaced by an
+    equal leaf that requires grad, so the target's gradient w.r.t. it exists.
+    """
+
+    def __init__(self, projector, input_key: str | None = None, require_graph: bool = False):
         self.projector = projector
+        self.input_key = input_key
+        self.require_graph = require_graph
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self._handle = None
 
-    def _hook(self, module, args, out):
-        self.input = args[0]
+    def _hook(self, module, args, kwargs, out):
+        self.input = kwargs[self.input_key] if self.input_key else args[0]
         self.output = out if isinstance(out, torch.Tensor) else out[0]
+        if self.require_graph and torch.is_grad_enabled() and not self.output.requires_grad:
+            self.output = self.output.detach().requires_grad_(True)
+            return self.output if isinstance(out, torch.Tensor) else (self.output, *out[1:])
+        return None
 
     def __enter__(self):
-        self._handle = self.projector.register_forward_hook(self._hook)
+        self._handle = self.projector.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
@@ -98,6 +111,10 @@ def gradient_rule_q2p(projector, features: torch.Tensor, grad_out: torch.Tensor,
     return contrib / torch.where(total > 0, total, torch.ones_like(total))
 
 
+#: Query-to-Patch rules fixed by the connector's structure (the layout carries the map); the others (gradient,
+#: Q-Former GAE) depend on the target and are computed per token.
+STRUCTURAL_RULES = ("identity", "pooling", "block", "bilinear")
+
 AUTO_GRAD_BATCH = 16
 AUTO_GRAD_BATCH_BYTES = 2 * 1024**3
 
@@ -115,8 +132,9 @@ def auto_grad_batch(target_logits: torch.Tensor, tensors: list[torch.Tensor]) ->
     return int(max(1, min(AUTO_GRAD_BATCH, target_logits.numel(), budget // max(per_token, 1))))
 
 
-def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor], grad_batch: int | None = None):
-    """Yield ``(t, [d target_logits[t] / d tensor for tensor in tensors])`` (None where unused), graph retained.
+def gradient_batches(target_logits: torch.Tensor, tensors: list[torch.Tensor], grad_batch: int | None = None):
+    """Yield ``(targets, grads)``: a list of target indices and, per tensor, their gradients stacked ``[k, ...]``
+    (None where unused), one backward pass per batch, graph retained.
 
     ``grad_batch=1``: one ``autograd.grad`` per target token. ``grad_batch=k``: k tokens at once with
     ``is_grads_batched=True`` (vmap over the backward): the same numbers with fewer, larger kernels (worth it on
@@ -127,7 +145,8 @@ def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor
         grad_batch = auto_grad_batch(target_logits, tensors)
     if not grad_batch or grad_batch <= 1:
         for t in range(n):
-            yield t, list(torch.autograd.grad(target_logits[t], tensors, retain_graph=True, allow_unused=True))
+            grads = torch.autograd.grad(target_logits[t], tensors, retain_graph=True, allow_unused=True)
+            yield [t], [None if g is None else g.unsqueeze(0) for g in grads]
         return
     for start in range(0, n, grad_batch):
         idx = torch.arange(start, min(n, start + grad_batch), device=target_logits.device)
@@ -136,7 +155,51 @@ def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor
         grads = torch.autograd.grad(
             target_logits, tensors, grad_outputs=basis, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
-        for k, t in enumerate(idx.tolist()):
+        yield idx.tolist(), list(grads)
+
+
+def gradient_groups(batches, group: int):
+    """Gather consecutive ``(targets, grads)`` of :func:`gradient_batches` into groups of at least ``group`` targets
+    (the last may be smaller), each tensor's gradients in one ``[k, ...]`` tensor; ``group <= 1`` passes the
+    batches through."""
+    if group <= 1:
+        yield from batches
+        return
+    pending, count = [], 0
+    for targets, grads in batches:
+        pending.append((targets, grads))
+        count += len(targets)
+        if count >= group:
+            yield _merge(pending)
+            pending, count = [], 0
+    if pending:
+        yield _merge(pending)
+
+
+def _merge(pending: list) -> tuple[list[int], list[torch.Tensor | None]]:
+    targets = [t for ts, _ in pending for t in ts]
+    merged = []
+    for i in range(len(pending[0][1])):
+        ref = next((grads[i] for _, grads in pending if grads[i] is not None), None)
+        if ref is None:  # the targets do not depend on this tensor
+            merged.append(None)
+            continue
+        buf = ref.new_empty((len(targets), *ref.shape[1:]))
+        start = 0
+        for ts, grads in pending:
+            part = buf[start : start + len(ts)]
+            part.zero_() if grads[i] is None else part.copy_(grads[i])
+            grads[i] = None  # each batch's copy goes as soon as it is in the group's tensor
+            start += len(ts)
+        merged.append(buf)
+    return targets, merged
+
+
+def gradients_per_target(target_logits: torch.Tensor, tensors: list[torch.Tensor], grad_batch: int | None = None):
+    """Yield ``(t, [d target_logits[t] / d tensor for tensor in tensors])`` (None where unused); see
+    :func:`gradient_batches`."""
+    for targets, grads in gradient_batches(target_logits, tensors, grad_batch):
+        for k, t in enumerate(targets):
             yield t, [None if g is None else g[k] for g in grads]
 
 
@@ -154,12 +217,14 @@ class RGAE(Explainer):
     method = "rgae"
 
     def _attribute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
-                   grad_batch: int | None = None, **unknown):
+                   grad_batch: int | None = None, capture: str = "interface", **unknown):
         if unknown:
             raise TypeError(
-                f"unknown RGAE options: {sorted(unknown)} (known: through_vision, grad_batch, max_new_tokens, progress)"
+                f"unknown RGAE options: {sorted(unknown)} (known: through_vision, grad_batch, capture, "
+                "max_new_tokens, progress)"
             )
-        result = self.compute(inputs, through_vision=through_vision, progress=progress, grad_batch=grad_batch)
+        result = self.compute(inputs, through_vision=through_vision, progress=progress, grad_batch=grad_batch,
+                              capture=capture)
         return self.pack(
             inputs,
             text_to_patch=result["text_to_patch"],
@@ -169,94 +234,103 @@ class RGAE(Explainer):
             options={
                 "through_vision": bool(through_vision),
                 "projector_kind": self.adapter.projector_kind,
-                "query_to_patch_rule": self.query_to_patch_rule(through_vision),
+                "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
                 "explained_scalar": "raw logit of the target token at the predicting position",
+                "capture": capture,
+                **coverage_options(self.adapter),
+                **self._non_patch_option(result["non_patch_share"]),
             },
         )
 
-    def query_to_patch_rule(self, through_vision: bool) -> str:
-        kind = self.adapter.projector_kind
-        rule = {
-            "linear": "identity",
-            "mlp": "identity",
-            "avgpool": "pooling",
-            "qformer": "qformer_gae (mean over target tokens)",
-        }.get(kind, "gradient (mean over target tokens)")
+    @staticmethod
+    def _non_patch_option(share) -> dict:
+        """``non_patch_share``: per target token, the share of its Q-Former relevance that landed on a CLS token
+        (no pixel box: not in Text-to-Patch)."""
+        return {} if share is None else {"non_patch_share": [float(v) for v in share]}
+
+    @staticmethod
+    def query_to_patch_rule(layout, through_vision: bool) -> str:
+        rule = layout.rule
+        if rule not in STRUCTURAL_RULES:
+            rule += " (mean over target tokens)"
         return rule + (" · vit_gae" if through_vision else "")
 
     def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
-                grad_batch: int | None = None) -> dict:
+                grad_batch: int | None = None, capture: str = "interface") -> dict:
         """The raw maps as a dict (``text_to_query``, ``query_to_patch``, ``query_to_patch_per_token``,
-        ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation."""
+        ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation.
+
+        ``capture``: ``"interface"`` (default: the model's own attention kernel, probabilities recomputed in chunks)
+        or ``"eager"`` (eager attention with every probability tensor recorded; the reference). Same maps."""
         ad = self.adapter
         kind = ad.projector_kind
-        llm = AttentionRecorder(ad.llm_attention, [f"LLM layer {i}" for i in range(len(ad.llm_attention))])
-        proj_modules = [m for _, m in ad.projector_attention] if kind == "qformer" else []
-        proj = AttentionRecorder(proj_modules, [f"projector {k}-attention {i}" for i, (k, _) in
-                                                enumerate(ad.projector_attention)][: len(proj_modules)])
-        vis_modules = ad.vision_attention if through_vision else []
-        vis = AttentionRecorder(vis_modules, [f"vision layer {i}" for i in range(len(vis_modules))])
-        if through_vision and not vis_modules:
-            raise ValueError("through_vision=True but no vision attention modules were found in the vision tower")
-        needs_io = kind not in ("linear", "mlp", "avgpool", "qformer")
-        io = ProjectorIO(ad.projector)
+        views, rule = len(inputs.layout.views), inputs.layout.rule
+        if through_vision and (views > 1 or rule in ("block", "bilinear") or ad.sees_image_through_cross_attention):
+            # _compose_vit composes the ViT's relevance with one view's identity/pooling map (or the Q-Former's).
+            raise ValueError(
+                f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
+                f"{views} view(s) and the {rule!r} Query-to-Patch rule; propagating the vision tower is implemented "
+                "for models that see one patch grid as image tokens; use through_vision=False"
+            )
+        cross_llm = ad.sees_image_through_cross_attention
+        source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
+        needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
+        io = ProjectorIO(ad.projector, ad.projector_input, require_graph=needs_io and source.capture == "interface")
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(explain_mode(self.model))
-            stack.enter_context(eager_attention(self.model))
+            source.enter(stack)
             stack.enter_context(torch.enable_grad())
-            for rec in (llm, proj, vis):
-                stack.enter_context(rec)
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
-            for rec in (llm, proj, vis):
-                rec.check_complete()
+            recorded = source.after_forward()
             target_logits = self.target_logits(logits, inputs, offset)
             probs = self.token_probs(logits, inputs, offset)
             extra = [io.output] if needs_io else []
             if needs_io and (io.output is None or not io.output.requires_grad):
                 raise RuntimeError("the projector's output was not recorded with a graph")
-            n_llm, n_proj = len(llm.attentions), len(proj.attentions)
-            all_attn = AttentionRecorder([], require_graph=False)
-            all_attn.attentions = [*llm.attentions, *proj.attentions, *vis.attentions]
-            all_attn.names = [*llm.names, *proj.names, *vis.names]
-            all_attn.calls = list(range(len(all_attn.attentions)))
 
             image_pos = inputs.image_positions
             device = logits.device
             dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-            static_q2p = self._static_q2p(dtype, device) if kind in ("linear", "mlp", "avgpool") else None
+            layout = inputs.layout
+            static_q2p = None
+            if layout.rule in STRUCTURAL_RULES:
+                static_q2p = layout.query_to_patch.to(dtype=dtype, device=device)
 
-            t2q_rows, q2p_maps = [], []
-            inputs_for_grad = [*all_attn.attentions, *extra]
-            steps = gradients_per_target(target_logits, inputs_for_grad, grad_batch)
-            for t, grads in tqdm(steps, total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False):
-                cams = all_attn.cams(grads[: len(all_attn.attentions)])
-                llm_cams = [c for c in cams[:n_llm] if c is not None]
-                row = int(inputs.predicting_positions[t])
-                if llm_cams:
-                    t2q = propagate_rows(llm_cams, row)[image_pos]
-                else:
-                    t2q = torch.zeros(image_pos.numel(), dtype=dtype, device=device)
-                t2q_rows.append(t2q)
+            t2q_rows, q2p_maps, non_patch = [], [], []
+            rows = inputs.predicting_positions.tolist()
+            bar = tqdm(total=target_logits.numel(), desc="R-GAE", disable=not progress, leave=False)
+            batches = gradient_batches(target_logits, [*recorded, *extra], grad_batch)
+            for targets, batch in gradient_groups(batches, source.group_size(recorded, target_logits.numel())):
+                # The Text-to-Query rows (and Q-Former / ViT maps) of a group of targets at once: the interface
+                # capture recomputes each chunk of probabilities once for the whole group.
+                maps = source.maps([rows[t] for t in targets], batch[: len(recorded)])
+                for k, (llm_out, proj_cams, r_vit) in enumerate(maps):
+                    bar.update(1)
+                    grads = [None if g is None else g[k] for g in batch]
+                    if cross_llm:  # llm_out: every LLM layer's cam, for the bi-modal rules
+                        t2q = self._cross_llm_t2q(llm_out, rows[targets[k]])[image_pos].to(dtype)
+                    else:  # llm_out: the row-trick row of R
+                        t2q = llm_out[image_pos].to(dtype)
+                    t2q_rows.append(t2q)
 
-                r_vit = None
-                if through_vision:
-                    vis_cams = [c for c in cams[n_llm + n_proj :] if c is not None]
-                    n_tok = vis.attentions[0].shape[-1]
-                    r_vit = propagate(vis_cams) if vis_cams else torch.eye(n_tok, dtype=dtype, device=device)
-                if kind == "qformer":
-                    q2p = self._qformer_q2p(cams[n_llm : n_llm + n_proj], proj.attentions, r_vit)
-                elif static_q2p is not None:
-                    q2p = static_q2p
-                    if r_vit is not None:
-                        q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
-                elif grads[-1] is None:  # the target does not depend on the image at all
-                    q2p = torch.zeros(ad.n_queries, ad.n_patches, dtype=dtype, device=device)
-                else:
-                    q2p_feat = gradient_rule_q2p(ad.projector, io.input, grads[-1]).to(dtype)
-                    q2p = self._compose_vit(q2p_feat, r_vit) if r_vit is not None else q2p_feat[:, ad.feature_prefix :]
-                q2p_maps.append(q2p)
+                    if kind == "qformer":
+                        r_qk = self._qformer_q2p(proj_cams, r_vit)
+                        q2p = r_qk[:, ad.feature_prefix :]
+                        if ad.feature_prefix:
+                            non_patch.append(self._non_patch_share(t2q, r_qk))
+                    elif static_q2p is not None:
+                        q2p = static_q2p
+                        if r_vit is not None:
+                            q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
+                    elif grads[-1] is None:  # the target does not depend on the image at all
+                        q2p = torch.zeros(layout.n_tokens, layout.n_patches, dtype=dtype, device=device)
+                    else:
+                        q2p_feat = gradient_rule_q2p(ad.projector, io.input, grads[-1]).to(dtype)
+                        q2p = (self._compose_vit(q2p_feat, r_vit) if r_vit is not None
+                               else q2p_feat[:, ad.feature_prefix :])
+                    q2p_maps.append(q2p)
+            bar.close()
 
         t2q = torch.stack(t2q_rows)
         per_token = len({id(m) for m in q2p_maps}) > 1
@@ -274,6 +348,7 @@ class RGAE(Explainer):
             "query_to_patch_per_token": None if q2p_stack is None else q2p_stack.detach(),
             "text_to_patch": t2p.detach(),
             "token_probs": probs,
+            "non_patch_share": torch.stack(non_patch).detach().cpu() if non_patch else None,
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
@@ -283,9 +358,6 @@ class RGAE(Explainer):
         if ad.projector_kind in ("linear", "mlp"):
             return identity_map(ad.n_features, dtype=dtype, device=device)
         return pooling_map(ad.patch_grid, ad.query_grid, dtype=dtype, device=device)
-
-    def _static_q2p(self, dtype, device) -> torch.Tensor:
-        return self._feature_q2p(dtype, device)[:, self.adapter.feature_prefix :]
 
     def _vit_rows(self) -> slice:
         ad = self.adapter
@@ -297,18 +369,46 @@ class RGAE(Explainer):
         r_bar = normalize_residual(r_vit)
         return q2p_feat @ r_bar[self._vit_rows(), ad.vision_prefix :]
 
-    def _qformer_q2p(self, cams, attentions, r_vit) -> torch.Tensor:
+    def _cross_llm_t2q(self, cams, row: int) -> torch.Tensor:
+        """Text-to-Query of an LLM that reads the image only through cross-attention layers (Mllama): the bi-modal
+        GAE rules over its layers in forward order, the text as one stream and the cross-attention keys (the
+        image's tokens) as the other, ``R_kk = I`` (:func:`rgae.rules.propagate_cross_stack`): self-attention
+        ``R_tt += cam·R_tt``, ``R_tk += cam·R_tk``; cross-attention ``R_tk += R̄_ttᵀ·cam·R̄_kk``. Row ``row`` of
+        ``R_tk`` over all keys. The transpose needs the whole ``R̄_tt``, so this costs ``O(L·S³)`` (no row trick)."""
+        kinds = self.adapter.llm_attention_kinds
+        layers = list(zip(kinds, cams))
+        n_text = cams[0].shape[-2]
+        n_keys = next(c.shape[-1] for k, c in layers if k == "cross")
+        _, r_tk = propagate_cross_stack(layers, n_text, n_keys)
+        return r_tk[row]
+
+    def _qformer_q2p(self, cams, r_vit) -> torch.Tensor:
+        """``[M, N_features]`` R_qk of the Q-Former for one target, over all its keys (a kept CLS included).
+
+        The self-attention may run over more tokens than the M queries: InstructBLIP appends the instruction's
+        tokens, which attend and are attended to but never cross-attend to the image. The stream is then the
+        queries followed by those tokens; their rows of each cross-attention map are zero (what attention they
+        do not pay contributes nothing), and only the queries' rows reach the LLM."""
         ad = self.adapter
-        layers = []
-        for (kind, _), cam, attn in zip(ad.projector_attention, cams, attentions):
-            if cam is None:
-                dt = torch.float32 if attn.dtype in (torch.float16, torch.bfloat16) else attn.dtype
-                cam = torch.zeros(attn.shape[-2:], dtype=dt, device=attn.device)
-            layers.append((kind, cam))
-        n_keys = attentions[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        layers = [(kind, cam) for (kind, _), cam in zip(ad.projector_attention, cams)]
+        n_keys = cams[[k for k, _ in ad.projector_attention].index("cross")].shape[-1]
+        n_stream = max([cam.shape[-1] for kind, cam in layers if kind == "self"], default=ad.n_queries)
+        if n_stream < ad.n_queries:
+            raise ValueError(f"the Q-Former's self-attention covers {n_stream} tokens, fewer than its "
+                             f"{ad.n_queries} queries")
+        for i, (kind, cam) in enumerate(layers):
+            if kind == "cross" and cam.shape[-2] < n_stream:
+                layers[i] = (kind, torch.cat([cam, cam.new_zeros(n_stream - cam.shape[-2], cam.shape[-1])]))
         r_kk = None
         if r_vit is not None:
             rows = self._vit_rows()
             r_kk = r_vit[rows, rows]
-        _, r_qk = propagate_cross_stack(layers, ad.n_queries, n_keys, R_kk=r_kk)
-        return r_qk[:, ad.feature_prefix :]
+        _, r_qk = propagate_cross_stack(layers, n_stream, n_keys, R_kk=r_kk)
+        return r_qk[: ad.n_queries]
+
+    def _non_patch_share(self, t2q: torch.Tensor, r_qk: torch.Tensor) -> torch.Tensor:
+        """The share of ``T2Q · R_qk`` on the projector's non-patch inputs (a CLS the Q-Former reads), which have
+        no pixel box and are left out of Text-to-Patch (0 when the token has no image relevance at all)."""
+        full = t2q.to(r_qk.dtype) @ r_qk
+        total = full.sum()
+        return full[: self.adapter.feature_prefix].sum() / total if total > 0 else total.new_zeros(())

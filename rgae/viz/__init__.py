@@ -12,8 +12,10 @@ Example:
     >>> viz.overlay(e.image, e.patch_map()).shape
     (64, 64, 3)
     >>> fig = viz.plot(e, kind="words")
+    >>> page = viz.explore(e)  # an interactive HTML page: page.save("e.html"), or shown inline in a notebook
 """
 
+from rgae.viz.explore import ExplorerPage, explore, explore_sections, write_site
 from rgae.viz.export import FORMATS, figure_specs, save_figure, save_figures
 from rgae.viz.figures import (
     PLOT_KINDS,
@@ -32,9 +34,12 @@ from rgae.viz.synthetic import synthetic_explanation
 
 __all__ = [
     "FORMATS",
+    "ExplorerPage",
     "PLOT_KINDS",
     "colorize",
     "crop_to_box",
+    "explore",
+    "explore_sections",
     "figure_filename",
     "figure_specs",
     "figure_stem",
@@ -53,4 +58,5 @@ __all__ = [
     "slugify",
     "synthetic_explanation",
     "upsample",
+    "write_site",
 ]

@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deco_models.io import atomic_write
+from rgae.io import atomic_write
 from rgae.viz import figures
 from rgae.viz.naming import figure_filename, slugify
 
@@ -64,30 +64,40 @@ def save_figure(fig, path: str | os.PathLike, fmt: str | None = None, dpi: int =
     return atomic_write(path, write)
 
 
+PLOT_OPTIONS = ("alpha", "cmap", "interpolation", "crop_to_content", "top_k", "normalize", "note")
+
+
 def figure_specs(explanation, words: bool = True, **plot_kw) -> list[tuple[str, str, Callable[[], object]]]:
-    """The figures :func:`save_figures` writes for this explanation: ``(prefix, suffix, make_figure)``."""
+    """The figures :func:`save_figures` writes for this explanation: ``(prefix, suffix, make_figure)``.
+
+    ``normalize`` reaches the figures with several panels (per-word page, Query-to-Image, decomposition); ``note``
+    reaches every title."""
     e = explanation
-    common = {k: plot_kw[k] for k in ("alpha", "cmap", "interpolation", "crop_to_content") if k in plot_kw}
+    unknown = set(plot_kw) - set(PLOT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown plot options {sorted(unknown)}; expected some of {PLOT_OPTIONS}")
+    common = {k: plot_kw[k] for k in ("alpha", "cmap", "interpolation", "crop_to_content", "note") if k in plot_kw}
+    panels = {**common, **({"normalize": plot_kw["normalize"]} if "normalize" in plot_kw else {})}
     top_k = plot_kw.get("top_k", 5)
-    cmap = {"cmap": plot_kw["cmap"]} if "cmap" in plot_kw else {}
+    query = {k: plot_kw[k] for k in ("cmap", "note") if k in plot_kw}
     specs: list[tuple[str, str, Callable[[], object]]] = [
         ("R_t_i", "", lambda: figures.plot_text_to_image(e, **common)),
     ]
     if words:
-        specs.append(("R_t_i", "_words", lambda: figures.plot_words(e, **common)))
+        specs.append(("R_t_i", "_words", lambda: figures.plot_words(e, **panels)))
         for idx, word in enumerate(e.words):
             suffix = f"_w{idx:02d}-{slugify(word, max_bytes=24)}"
             specs.append(("R_t_i", suffix, lambda idx=idx: figures.plot_text_to_image(e, word=idx, **common)))
     if e.text_to_query is not None:
-        specs.append(("R_t_q", "", lambda: figures.plot_text_to_query(e, style="heatmap", top_k=top_k, **cmap)))
-        specs.append(("R_t_q", "_grid", lambda: figures.plot_text_to_query(e, style="grid", top_k=top_k, **cmap)))
+        specs.append(("R_t_q", "", lambda: figures.plot_text_to_query(e, style="heatmap", top_k=top_k, **query)))
+        specs.append(("R_t_q", "_grid", lambda: figures.plot_text_to_query(e, style="grid", top_k=top_k, **query)))
     if e.query_to_patch is not None:
-        specs.append(("R_q_i", "", lambda: figures.plot_query_to_image(e, top_k=top_k, **common)))
+        specs.append(("R_q_i", "", lambda: figures.plot_query_to_image(e, top_k=top_k, **panels)))
     if e.text_to_query is not None:
         specs.append(("decomposition", "", lambda: figures.plot_decomposition(e, style="heatmap", top_k=top_k,
-                                                                              **common)))
+                                                                              **panels)))
         specs.append(("decomposition", "_grid", lambda: figures.plot_decomposition(e, style="grid", top_k=top_k,
-                                                                                   **common)))
+                                                                                   **panels)))
     return specs
 
 
@@ -107,7 +117,9 @@ def save_figures(
         formats: any of ``"png"``, ``"pdf"``, ``"svg"``; each figure is rendered once and saved in each format.
         dpi: raster resolution (PNG, and images embedded in PDF/SVG).
         words: also write the per-word maps (one page with all words and one file per word).
-        plot_kw: ``alpha``, ``cmap``, ``interpolation``, ``crop_to_content``, ``top_k`` passed to the figures.
+        plot_kw: ``alpha``, ``cmap``, ``interpolation``, ``crop_to_content``, ``top_k``, ``normalize``
+            (``"per_map"``/``"global"``, for the figures with several panels) and ``note`` (a line added to every
+            title) passed to the figures.
 
     Example:
         >>> import tempfile
@@ -122,9 +134,9 @@ def save_figures(
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {tuple(formats)}")
-    unknown = set(plot_kw) - {"alpha", "cmap", "interpolation", "crop_to_content", "top_k"}
+    unknown = set(plot_kw) - set(PLOT_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown plot options {sorted(unknown)}")
+        raise ValueError(f"unknown plot options {sorted(unknown)}; expected some of {PLOT_OPTIONS}")
     if int(dpi) <= 0:
         raise ValueError(f"dpi must be positive, got {dpi}")
     out_dir = Path(out_dir)

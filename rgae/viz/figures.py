@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from rgae.viz.overlay import colorize, crop_to_box, normalize_map, overlay, to_numpy_map, upsample
 
@@ -90,6 +91,28 @@ def _caption(text: str, width: int = 60, prefix: str = "", max_chars: int = 160)
     return _escape("\n".join(textwrap.wrap(f"{prefix}“{short}”", width=max(width, 20))))
 
 
+def _with_note(title: str, note: str | None, width: int = 60) -> str:
+    """``title`` with ``note`` (e.g. "out of domain: ...") as its last line(s), in brackets."""
+    if not note:
+        return title
+    return title + "\n" + _escape("\n".join(textwrap.wrap(f"[{note}]", width=max(width, 20))))
+
+
+def _flat_map_note(ax, values: np.ndarray, normalize: str = "per_map") -> bool:
+    """Write a visible note on a panel whose map has no range, and say whether it did.
+
+    Min–max display paints an all-zero map the colormap's low end, which reads as "low relevance everywhere" and
+    not as "none"; a constant map has no spatial information at all. On a shared (global) scale a constant non-zero
+    map is a real value, so only an all-zero one gets the note there."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi > lo or (normalize == "global" and hi != 0.0):
+        return False
+    text = "no relevance\n(all-zero map)" if hi == 0.0 else f"constant map\n({hi:.3g} everywhere)"
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=7.5, color="black",
+            zorder=6, bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "0.35", "alpha": 0.9})
+    return True
+
+
 def _chars_per_line(width_in: float, fontsize: float = 10.5) -> int:
     # DejaVu Sans averages ~0.55 em per character; keep a margin so wrapped titles stay inside the figure.
     return int(width_in * 72.0 / (fontsize * 0.6))
@@ -101,20 +124,33 @@ def _short(word: str, max_chars: int = 16) -> str:
 
 
 def _background(expl) -> np.ndarray:
-    """The image the model saw, or a neutral gray canvas when the explanation carries none."""
+    """The original image, or a neutral gray canvas of its size when the explanation carries none."""
     if expl.image is not None:
         from rgae.viz.overlay import to_rgb_image
 
         return to_rgb_image(np.asarray(expl.image))
-    gh, gw = expl.patch_grid
-    return np.full((gh * _DEFAULT_PATCH_PX, gw * _DEFAULT_PATCH_PX, 3), 200, np.uint8)
+    h, w = expl.image_layout.image_size
+    scale = _DEFAULT_PATCH_PX if expl.layout is None else 1
+    return np.full((h * scale, w * scale, 3), 200, np.uint8)
 
 
 def _content_box(expl, crop_to_content: bool):
-    # Without the model-seen image the background is a stand-in canvas whose pixels the box does not refer to.
-    if not crop_to_content or expl.content_box is None or expl.image is None:
-        return None
-    return expl.content_box
+    # Maps are drawn over the original image (Explanation.image_map warps every view back to it), so there is no
+    # padding left to crop; the argument stays for callers of the earlier API.
+    return None
+
+
+def _display_map(expl, values, interpolation: str = "bilinear", size: tuple[int, int] | None = None) -> np.ndarray:
+    """``[..., H, W]`` per-patch maps ``[..., N]`` drawn over the background (or at ``size``): the layout's rendering,
+    smoothed for ``"bilinear"``, in units of relevance per patch of the first view, so a single-grid model's
+    colorbar shows its Text-to-Patch values."""
+    layout = expl.image_layout
+    if size is None:
+        size = _background(expl).shape[:2]
+    rendered = layout.render(torch.as_tensor(values), smooth=interpolation != "nearest", size=size).numpy()
+    (x0, y0, x1, y1), (rows, cols) = layout.views[0].box, layout.views[0].grid
+    scale_y, scale_x = size[0] / layout.image_size[0], size[1] / layout.image_size[1]
+    return rendered * ((x1 - x0) * scale_x / cols) * ((y1 - y0) * scale_y / rows)
 
 
 def _hide_ticks(ax) -> None:
@@ -151,26 +187,33 @@ def _require_q2p(expl, what: str) -> None:
         )
 
 
-def _select_map(expl, word: int | str | None, token: int | None) -> tuple[np.ndarray, str]:
+def _select_map(expl, word: int | str | None, token: int | None,
+                interpolation: str = "bilinear") -> tuple[np.ndarray, str]:
     if word is not None and token is not None:
         raise ValueError("give word= or token=, not both")
+    values = expl.patch_values(token=token, word=word)
     if token is not None:
-        return to_numpy_map(expl.patch_map(token=token)), f"token “{_escape(expl.output_tokens[token])}”"
-    if word is not None:
-        label = expl.words[word] if isinstance(word, int) else word
-        return to_numpy_map(expl.patch_map(word=word)), f"word “{_escape(label)}”"
-    return to_numpy_map(expl.patch_map()), "sentence"
+        label = f"token “{_escape(expl.output_tokens[token])}”"
+    elif word is not None:
+        label = f"word “{_escape(expl.words[word] if isinstance(word, int) else word)}”"
+    else:
+        label = "sentence"
+    return _display_map(expl, values, interpolation), label
 
 
 def _colorbar(fig, axes, cmap, lo: float, hi: float, label: str, orientation: str = "vertical", **kw):
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    if not hi > lo:  # constant map: show the colormap on a unit range rather than a degenerate one
+    flat = not hi > lo
+    value = lo
+    if flat:  # constant map: the colormap on a unit range, one tick saying the only value there is
         lo, hi = 0.0, 1.0
     mappable = ScalarMappable(norm=Normalize(lo, hi), cmap=cmap)
     cbar = fig.colorbar(mappable, ax=axes, orientation=orientation, **kw)
-    cbar.set_label(label)
+    cbar.set_label(f"{label} (constant map)" if flat else label)
+    if flat:
+        cbar.set_ticks([0.0], labels=[f"{value:.3g}"])
     cbar.ax.tick_params(labelsize=7)
     return cbar
 
@@ -187,8 +230,8 @@ def _text_color(rgb: np.ndarray) -> str:
 
 
 def _top_k(values: np.ndarray, k: int) -> list[int]:
-    if k <= 0:
-        return []
+    if k <= 0 or not values.max() > values.min():
+        return []  # a constant map has no top queries: framing the first k would mark arbitrary ones
     order = np.argsort(-values.ravel(), kind="stable")
     return [int(i) for i in order[: min(k, values.size)]]
 
@@ -198,7 +241,7 @@ def _draw_text_to_image(
     ax, expl, word=None, token=None, alpha=0.5, cmap="jet", interpolation="bilinear", normalize="per_map",
     vmin=None, vmax=None, crop_to_content=False,
 ) -> tuple[float, float]:
-    patch_map, _ = _select_map(expl, word, token)
+    patch_map, _ = _select_map(expl, word, token, interpolation)
     if normalize == "global" and (vmin is None or vmax is None):
         vmin, vmax = float(patch_map.min()), float(patch_map.max())
     kwargs = {"vmin": vmin, "vmax": vmax} if normalize == "global" else {}
@@ -206,6 +249,7 @@ def _draw_text_to_image(
                   normalize=normalize, **kwargs)
     ax.imshow(crop_to_box(rgb, _content_box(expl, crop_to_content)), interpolation="nearest")
     _hide_ticks(ax)
+    _flat_map_note(ax, patch_map, normalize)
     if normalize == "global":
         return float(vmin), float(vmax)
     if normalize in (None, "none"):
@@ -214,30 +258,40 @@ def _draw_text_to_image(
 
 
 def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=None, cmap="jet",
-                        annotate=True, panel_in=3.0) -> tuple[float, float]:
+                        annotate=True, panel_in=3.0, normalize="per_map", vmin=None, vmax=None,
+                        frame_top=None) -> tuple[float, float]:
+    """Draw R_t2q; returns the value range the colors span. ``frame_top`` (default: only for the grid style) frames
+    the ``top_k`` queries in red; ``normalize="global"`` colors with the caller's ``vmin``/``vmax``."""
     _require_queries(expl, "the Text-to-Query panel")
     if style not in ("heatmap", "grid"):
         raise ValueError(f"style must be 'heatmap' or 'grid', got {style!r}")
     qh, qw = _resolve_query_grid(expl)
     values = to_numpy_map(expl.query_values(token=token, word=word).reshape(qh, qw), name="text_to_query")
-    unit = normalize_map(values, "per_map")
+    if normalize == "global" and (vmin is None or vmax is None):
+        vmin, vmax = float(values.min()), float(values.max())
+    unit = normalize_map(values, normalize, **({"vmin": vmin, "vmax": vmax} if normalize == "global" else {}))
     ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5))
     ax.set_xlim(-0.5, qw - 0.5)
     ax.set_ylim(qh - 0.5, -0.5)
+    _flat_map_note(ax, values, normalize)
+    top = _top_k(values, top_k) if (style == "grid" if frame_top is None else frame_top) else []
+    for q in top:
+        r, c = divmod(q, qw)
+        _frame(ax, (c - 0.5, r - 0.5), 1, 1)
+    span = (float(vmin), float(vmax)) if normalize == "global" else (float(values.min()), float(values.max()))
     if style == "heatmap":
         step = max(1, math.ceil(max(qh, qw) / 8))
         ax.set_xticks(range(0, qw, step))
         ax.set_yticks(range(0, qh, step))
         ax.set_xlabel("query column")
         ax.set_ylabel("query row")
-        return float(values.min()), float(values.max())
-    # Grid map: white cell borders, each cell labelled with its flat query index and its min-max value.
+        return span
+    # Grid map: white cell borders, each cell labelled with its flat query index and its displayed (0-1) value.
     _hide_ticks(ax)
     for r in range(1, qh):
         ax.axhline(r - 0.5, color="white", lw=0.6)
     for c in range(1, qw):
         ax.axvline(c - 0.5, color="white", lw=0.6)
-    top = _top_k(values, top_k)
     if annotate:
         # Font from the cell size (the caller knows the panel's size in inches; positions are not laid out yet):
         # two lines, "index" over "value", fit in a cell at about a fifth of its side.
@@ -250,10 +304,7 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
         for r, c in cells:
             ax.text(c, r, f"{r * qw + c}\n{unit[r, c]:.2f}", ha="center", va="center", fontsize=size,
                     color=_text_color(colors[r, c]), linespacing=1.0)
-    for q in top:
-        r, c = divmod(q, qw)
-        _frame(ax, (c - 0.5, r - 0.5), 1, 1)
-    return float(values.min()), float(values.max())
+    return span
 
 
 def _emphasis_overlay(image, patch_map, alpha, cmap, interpolation, normalize, vmin=None, vmax=None):
@@ -271,26 +322,37 @@ def _emphasis_overlay(image, patch_map, alpha, cmap, interpolation, normalize, v
 
 def query_mosaic(
     expl, alpha=0.5, cmap="jet", interpolation="bilinear", normalize="per_map", crop_to_content=False,
-    tile_px: int | None = None, gap_px: int = 2, grayscale: bool = True,
+    tile_px: int | None = None, gap_px: int = 2, grayscale: bool = True, queries: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """The Query-to-Image small multiples as one RGB image (white gaps between tiles).
 
     Opacity grows with the value (``alpha/2`` where a query's map is cold, ``min(1, 1.3·alpha)`` where it is hot),
     so a query's few hot patches stay visible at small-multiple size. ``grayscale=True`` draws the photo in gray
     under the maps: at small-multiple size a colored photo competes with
-    the colormap (a red pooling window vanishes on a red object).
+    the colormap (a red pooling window vanishes on a red object). ``normalize="global"`` puts every tile on the
+    scale of the whole Query-to-Patch map (the shown tiles and the others), so weak queries look weak.
 
-    Returns ``(mosaic uint8 [.., .., 3], (tile_h, tile_w), (q_h, q_w))``; tile ``(r, c)`` starts at pixel
-    ``(r·(tile_h+gap), c·(tile_w+gap))`` and shows query ``r·q_w + c``.
+    ``queries``: the query indices to tile, in that order, on a near-square grid (default: all M on the query grid).
+
+    Returns ``(mosaic uint8 [.., .., 3], (tile_h, tile_w), (rows, cols))``; tile ``(r, c)`` starts at pixel
+    ``(r·(tile_h+gap), c·(tile_w+gap))`` and shows query ``r·cols + c`` (or ``queries[r·cols + c]``).
     """
     _require_q2p(expl, "the Query-to-Image panel")
     import cv2
 
     q2p = expl.query_to_patch
     m = q2p.shape[0]
-    qh, qw = _resolve_query_grid(expl) if expl.text_to_query is not None or expl.query_grid else (1, m)
-    if qh * qw != m:
-        raise ValueError(f"query grid {(qh, qw)} does not hold the M={m} rows of query_to_patch")
+    if queries is None:
+        qh, qw = _resolve_query_grid(expl) if expl.text_to_query is not None or expl.query_grid else (1, m)
+        if qh * qw != m:
+            raise ValueError(f"query grid {(qh, qw)} does not hold the M={m} rows of query_to_patch")
+        shown = list(range(m))
+    else:
+        shown = [int(q) for q in queries]
+        if not shown or any(not 0 <= q < m for q in shown):
+            raise ValueError(f"queries must be a non-empty list of indices in [0, {m}), got {list(queries)}")
+        qw = math.ceil(math.sqrt(len(shown)))
+        qh = math.ceil(len(shown) / qw)
     background = _background(expl)
     box = _content_box(expl, crop_to_content)
     height, width = background.shape[:2]
@@ -310,21 +372,33 @@ def query_mosaic(
             max(min(round(box[2] * scale), full_w), int(box[0] * scale) + 1),
             max(min(round(box[3] * scale), full_h), int(box[1] * scale) + 1),
         )
-    maps = to_numpy_map(q2p.reshape(m, -1), name="query_to_patch").reshape(m, *expl.patch_grid)
+    maps = _display_map(expl, q2p.reshape(m, -1), interpolation, size=small.shape[:2])
     kwargs = {}
     if normalize == "global":
         kwargs = {"vmin": float(maps.min()), "vmax": float(maps.max())}
     tiles = [
         crop_to_box(_emphasis_overlay(small, maps[q], alpha, cmap, interpolation, normalize, **kwargs), small_box)
-        for q in range(m)
+        for q in shown
     ]
     tile_h, tile_w = tiles[0].shape[:2]
     mosaic = np.full((qh * (tile_h + gap_px) - gap_px, qw * (tile_w + gap_px) - gap_px, 3), 255, np.uint8)
-    for q, tile in enumerate(tiles):
-        r, c = divmod(q, qw)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, qw)
         y, x = r * (tile_h + gap_px), c * (tile_w + gap_px)
         mosaic[y: y + tile_h, x: x + tile_w] = tile
     return mosaic, (tile_h, tile_w), (qh, qw)
+
+
+# More queries than this make Query-to-Image tiles too small to read in a decomposition panel: it shows the top ones.
+MAX_DECOMPOSITION_TILES = 36
+TOP_QUERY_TILES = 16
+
+
+def top_queries(expl, k: int) -> list[int]:
+    """The ``k`` queries with the highest sentence Text-to-Query relevance, most relevant first."""
+    _require_queries(expl, "choosing the top queries")
+    values = to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)).ravel()
+    return [int(i) for i in np.argsort(-values, kind="stable")[: max(0, k)]]
 
 
 def _frame(ax, xy, width, height, lw=2.0):
@@ -338,18 +412,28 @@ def _frame(ax, xy, width, height, lw=2.0):
 
 
 def _draw_query_to_image(ax, expl, top_k=5, alpha=0.65, cmap="jet", interpolation="nearest", normalize="per_map",
-                         crop_to_content=False, label_queries=True, gap_px=2) -> None:
+                         crop_to_content=False, label_queries=True, gap_px=2, queries=None) -> None:
+    """Draw the Query-to-Image mosaic: all queries on their grid (rows labelled by first index, columns by offset),
+    or the chosen ``queries`` each labelled with its index. The ``top_k`` queries by sentence R_t2q are framed."""
     mosaic, (tile_h, tile_w), (qh, qw) = query_mosaic(
         expl, alpha=alpha, cmap=cmap, interpolation=interpolation, normalize=normalize,
-        crop_to_content=crop_to_content, gap_px=gap_px,
+        crop_to_content=crop_to_content, gap_px=gap_px, queries=queries,
     )
     ax.imshow(mosaic, interpolation="antialiased")
     _hide_ticks(ax)
-    if label_queries:
+    fig_w_in = ax.figure.get_size_inches()[0]
+    tile_pt = 72.0 * fig_w_in * ax.get_position().width / max(qw, 1)
+    shown = list(range(qh * qw)) if queries is None else [int(q) for q in queries]
+    if label_queries and queries is not None:
+        size = float(np.clip(tile_pt / 4.5, 5.0, 8.0))
+        for k, q in enumerate(shown):
+            r, c = divmod(k, qw)
+            ax.text(c * (tile_w + gap_px) + 1.5, r * (tile_h + gap_px) + 1.5, str(q), ha="left", va="top",
+                    fontsize=size, color="black", zorder=6,
+                    bbox={"boxstyle": "square,pad=0.12", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    elif label_queries:
         # Query index = row·q_w + col: rows are labelled with their first index, columns with the offset, so no
         # label covers a tile's content (query 0's window is the top-left corner).
-        fig_w_in = ax.figure.get_size_inches()[0]
-        tile_pt = 72.0 * fig_w_in * ax.get_position().width / max(qw, 1)
         # Column labels like "+10" need ~16 pt side by side at 6.5 pt; thin them out on small panels.
         step_c = max(1, math.ceil(qw / 12), math.ceil(16.0 / max(tile_pt, 1e-3)))
         step_r = max(1, math.ceil(qh / 12), math.ceil(9.0 / max(tile_pt, 1e-3)))
@@ -360,20 +444,56 @@ def _draw_query_to_image(ax, expl, top_k=5, alpha=0.65, cmap="jet", interpolatio
         ax.tick_params(length=0, pad=1.5, labelsize=6.5 if max(qh, qw) > 8 else 7.5)
     if expl.text_to_query is not None:
         for q in _top_k(to_numpy_map(expl.sentence_text_to_query.reshape(1, -1)), top_k):
-            r, c = divmod(q, qw)
+            if q not in shown:
+                continue
+            r, c = divmod(shown.index(q), qw)
             _frame(ax, (c * (tile_w + gap_px) - 0.5, r * (tile_h + gap_px) - 0.5), tile_w, tile_h, lw=1.5)
 
 
+def _query_selection(expl, queries) -> list[int] | None:
+    """``queries`` of the Query-to-Image panels: None (all), ``"top"`` (all up to MAX_DECOMPOSITION_TILES queries,
+    else the TOP_QUERY_TILES with the highest R_t2q), an int k (the top k by R_t2q) or explicit indices."""
+    m = expl.query_to_patch.shape[0]
+    if queries is None:
+        return None
+    if isinstance(queries, str):
+        if queries != "top":
+            raise ValueError(f"queries must be None, 'top', an int or a list of query indices, got {queries!r}")
+        if m <= MAX_DECOMPOSITION_TILES or expl.text_to_query is None:
+            return None
+        return top_queries(expl, TOP_QUERY_TILES)
+    if isinstance(queries, int) and not isinstance(queries, bool):
+        if queries < 1:
+            raise ValueError(f"queries must be >= 1, got {queries}")
+        return None if queries >= m else top_queries(expl, queries)
+    return [int(q) for q in queries]
+
+
+def _q2i_colorbar_label(normalize: str) -> str:
+    return ("Query-to-Patch weight (one scale for all queries)" if normalize == "global"
+            else "Query-to-Patch weight (min–max per query)")
+
+
 # ---- public figures --------------------------------------------------------------------------------------------
+_SCALE_LABELS = {"per_map": "relevance (min–max of each map)", "global": "relevance (one scale for all panels)"}
+NORMALIZE_CHOICES = ("per_map", "global")
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize must be 'per_map' or 'global', got {normalize!r}")
+
+
 def plot_text_to_image(
     expl, word: int | str | None = None, token: int | None = None, alpha: float = 0.5, cmap: Any = "jet",
     interpolation: str = "bilinear", normalize: str = "per_map", crop_to_content: bool = False,
-    colorbar: bool = True, title: str | None = None,
+    colorbar: bool = True, title: str | None = None, note: str | None = None,
 ):
     """Text-to-Image ``R_t2i``: the sentence map (default), one word's or one token's map over the image.
 
     ``crop_to_content=True`` crops to ``expl.content_box`` (the original image inside the padded one the model saw).
-    The colorbar shows the map's own relevance range (``per_map``) or the shared range (``global``).
+    The colorbar shows the map's own relevance range. ``note`` (e.g. "out of domain: ...") is added to the title.
+    An all-zero map says so on the panel.
 
     Example:
         >>> from rgae.viz import synthetic_explanation
@@ -389,8 +509,9 @@ def plot_text_to_image(
     lo, hi = _draw_text_to_image(ax, expl, word=word, token=token, alpha=alpha, cmap=cmap,
                                  interpolation=interpolation, normalize=normalize, crop_to_content=crop_to_content)
     _, label = _select_map(expl, word, token)
-    ax.set_title(title if title is not None else f"{_PANEL_TITLES['t2i']}, {label}\n"
-                 f"{_caption(expl.target_text, _chars_per_line(width_in, 9.5))}")
+    chars = _chars_per_line(width_in, 9.5)
+    ax.set_title(_with_note(title if title is not None else f"{_PANEL_TITLES['t2i']}, {label}\n"
+                            f"{_caption(expl.target_text, chars)}", note, chars))
     if colorbar:
         _colorbar(fig, ax, cmap, lo, hi, "relevance", shrink=0.85, pad=0.02)
     return _freeze_layout(fig)
@@ -399,19 +520,19 @@ def plot_text_to_image(
 def plot_words(
     expl, words: Sequence[int | str] | None = None, include_sentence: bool = True, ncols: int = 5,
     alpha: float = 0.5, cmap: Any = "jet", interpolation: str = "bilinear", normalize: str = "per_map",
-    crop_to_content: bool = False,
+    crop_to_content: bool = False, note: str | None = None,
 ):
     """Per-word Text-to-Image maps (subword tokens merged via ``expl.words``), one panel per word.
 
-    ``normalize="global"`` puts all panels on one scale with one shared colorbar; ``"per_map"`` stretches each.
+    ``normalize="global"`` puts all panels on one scale with one shared colorbar in relevance units; ``"per_map"``
+    stretches each (the colorbar says which).
 
     Example:
         >>> from rgae.viz import synthetic_explanation
         >>> e = synthetic_explanation()
         >>> fig = plot_words(e, normalize="global")
     """
-    if normalize not in ("per_map", "global"):
-        raise ValueError(f"normalize must be 'per_map' or 'global', got {normalize!r}")
+    _check_normalize(normalize)
     chosen: list[int | None] = list(range(len(expl.words))) if words is None else [
         expl.words.index(w) if isinstance(w, str) and w in expl.words else w for w in words
     ]
@@ -423,7 +544,7 @@ def plot_words(
     panels: list[int | None] = ([None] if include_sentence else []) + chosen
     if not panels:
         raise ValueError("nothing to plot: no words selected and include_sentence=False")
-    maps = [to_numpy_map(expl.patch_map(word=w) if w is not None else expl.patch_map()) for w in panels]
+    maps = [_select_map(expl, w, None, interpolation)[0] for w in panels]
     vmin = float(min(m.min() for m in maps)) if normalize == "global" else None
     vmax = float(max(m.max() for m in maps)) if normalize == "global" else None
     # Balanced rows: 6 panels with at most 5 columns are 2×3, not 5 + an orphan.
@@ -443,17 +564,22 @@ def plot_words(
         _draw_text_to_image(ax, expl, word=w_idx, alpha=alpha, cmap=cmap, interpolation=interpolation,
                             normalize=normalize, vmin=vmin, vmax=vmax, crop_to_content=crop_to_content)
         ax.set_title("sentence" if w_idx is None else f"“{_short(expl.words[w_idx])}”", fontsize=9)
-    caption = _caption(expl.target_text, _chars_per_line(fig.get_size_inches()[0]))
-    fig.suptitle(f"{_PANEL_TITLES['t2i']} per word\n{caption}")
-    if normalize == "global":
-        _colorbar(fig, axes, cmap, vmin, vmax, "relevance (shared scale)", shrink=0.8, pad=0.01)
-    else:
-        _low_high_colorbar(fig, axes, cmap, "relevance (min–max per map)", shrink=0.8, pad=0.01)
+    chars = _chars_per_line(fig.get_size_inches()[0])
+    fig.suptitle(_with_note(f"{_PANEL_TITLES['t2i']} per word\n{_caption(expl.target_text, chars)}", note, chars))
+    _scale_colorbar(fig, axes, cmap, normalize, vmin, vmax, shrink=0.8, pad=0.01)
     return _freeze_layout(fig)
 
 
+def _scale_colorbar(fig, axes, cmap, normalize, vmin, vmax, **kw):
+    """The colorbar of figures whose panels share a normalization: relevance values for one shared scale,
+    low/high for per-map scales; the label says which."""
+    if normalize == "global":
+        return _colorbar(fig, axes, cmap, vmin, vmax, _SCALE_LABELS["global"], **kw)
+    return _low_high_colorbar(fig, axes, cmap, _SCALE_LABELS["per_map"], **kw)
+
+
 def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int | str | None = None,
-                       token: int | None = None, cmap: Any = "jet"):
+                       token: int | None = None, cmap: Any = "jet", note: str | None = None):
     """Text-to-Query ``R_t2q`` on the √M×√M query grid.
 
     ``style="heatmap"``: the query importances with row/column indices. ``style="grid"``: a grid map whose cells
@@ -476,7 +602,8 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
         f"word “{_escape(word if isinstance(word, str) else expl.words[word])}”" if word is not None
         else f"token “{_escape(expl.output_tokens[token])}”")
     extra = f", top-{top_k} framed" if style == "grid" and top_k > 0 else ""
-    ax.set_title(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{qh}×{qw} queries")
+    ax.set_title(_with_note(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{qh}×{qw} queries", note,
+                            _chars_per_line(side + 0.9)))
     if style == "grid":
         _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", shrink=0.85, pad=0.02)
     else:
@@ -486,33 +613,54 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
 
 def plot_query_to_image(expl, top_k: int = 5, alpha: float = 0.65, cmap: Any = "jet",
                         interpolation: str = "nearest", normalize: str = "per_map", crop_to_content: bool = False,
-                        label_queries: bool = True):
+                        label_queries: bool = True, queries: int | str | Sequence[int] | None = None,
+                        note: str | None = None):
     """Query-to-Image ``R_q2i``: √M×√M small multiples, tile ``q`` = query ``q``'s Query-to-Patch row over the image.
 
     For a linear projector every tile shows one patch (the identity); for adaptive pooling a 2-D grating; for a
     Q-Former the learned patterns. Tiles are labelled with their flat query index; when the explanation has a
-    Text-to-Query map, the ``top_k`` most relevant queries for the sentence are framed in red.
+    Text-to-Query map, the ``top_k`` most relevant queries for the sentence are framed in red. The figure grows with
+    the query grid (12×12 queries: 0.6-inch tiles); ``queries=k`` shows only the k queries with the highest R_t2q,
+    each labelled with its index (``"top"``: all up to 36 queries, else the top 16). ``normalize="global"`` puts
+    every tile on one scale (weak queries look weak); ``"per_map"`` stretches each query's map.
 
     Example:
         >>> from rgae.viz import synthetic_explanation
         >>> e = synthetic_explanation()
-        >>> fig = plot_query_to_image(e)
+        >>> fig = plot_query_to_image(e, queries=4, normalize="global")
     """
     _require_q2p(expl, "plot_query_to_image")
-    fig = _new_figure((6.0, 6.0 + 0.6))
+    _check_normalize(normalize)
+    chosen = _query_selection(expl, queries)
+    m = expl.query_to_patch.shape[0]
+    n_tiles = m if chosen is None else len(chosen)
+    side = float(np.clip(0.6 * math.ceil(math.sqrt(n_tiles)), 4.0, 10.0))
+    fig = _new_figure((side, side + 0.6))
     ax = fig.add_subplot()
     _draw_query_to_image(ax, expl, top_k=top_k, alpha=alpha, cmap=cmap, interpolation=interpolation,
-                         normalize=normalize, crop_to_content=crop_to_content, label_queries=label_queries)
-    framed = f"; top-{top_k} for the sentence framed" if expl.text_to_query is not None and top_k else ""
-    ax.set_title(f"{_PANEL_TITLES['q2i']}: one tile per query over the image\n"
-                 f"(query index = row label + column offset{framed})")
-    _low_high_colorbar(fig, ax, cmap, "relevance (min–max per query)", shrink=0.6, pad=0.02)
+                         normalize=normalize, crop_to_content=crop_to_content, label_queries=label_queries,
+                         queries=chosen)
+    framed = (f"; red: the top-{top_k} queries by sentence $R_{{t2q}}$" if expl.text_to_query is not None and top_k
+              else "")
+    what = (f"the {n_tiles} of {m} queries with the highest $R_{{t2q}}$, labelled by index" if chosen is not None
+            else "one tile per query (index = row label + column offset)")
+    ax.set_title(_with_note(f"{_PANEL_TITLES['q2i']}: {what}\n{framed.lstrip('; ')}".rstrip(), note,
+                            _chars_per_line(side)))
+    _query_colorbar(fig, ax, cmap, normalize, expl, shrink=0.6, pad=0.02)
     return _freeze_layout(fig)
+
+
+def _query_colorbar(fig, axes, cmap, normalize, expl, **kw):
+    if normalize == "global":
+        q2p = to_numpy_map(expl.query_to_patch.reshape(expl.query_to_patch.shape[0], -1), name="query_to_patch")
+        return _colorbar(fig, axes, cmap, float(q2p.min()), float(q2p.max()), _q2i_colorbar_label(normalize), **kw)
+    return _low_high_colorbar(fig, axes, cmap, _q2i_colorbar_label(normalize), **kw)
 
 
 def plot_decomposition(expl, style: str = "heatmap", top_k: int = 5, alpha: float = 0.5, cmap: Any = "jet",
                        interpolation: str = "bilinear", crop_to_content: bool = False,
-                       q2i_interpolation: str = "nearest", q2i_alpha: float = 0.65):
+                       q2i_interpolation: str = "nearest", q2i_alpha: float = 0.65, normalize: str = "per_map",
+                       queries: int | str | Sequence[int] | None = "top", note: str | None = None):
     """The paper's Figure 3 row: ``R_t2i | R_t2q | R_q2i`` (``R_t2i = R_t2q · R_q2i``), with titles.
 
     Explanations without a query stage (e.g. GradCAM) get the ``R_t2i`` panel alone (with a note), so that
@@ -520,34 +668,62 @@ def plot_decomposition(expl, style: str = "heatmap", top_k: int = 5, alpha: floa
     ``interpolation``/``alpha`` are for ``R_t2i``; ``q2i_interpolation`` (default ``nearest``: pooling windows stay
     sharp squares) and ``q2i_alpha`` (stronger, so small windows stay visible in small tiles) for ``R_q2i``.
 
+    The red frames mark the same ``top_k`` queries (highest sentence R_t2q) in the R_t2q and R_q2i panels; the
+    title says so. ``queries`` picks the R_q2i tiles (default ``"top"``: all up to 36 queries, else the 16 with the
+    highest R_t2q, labelled by index, so a 12×12 grid stays readable; ``None``: all; an int k: the top k).
+    ``normalize="per_map"`` stretches each panel (and each R_q2i tile) to its own range; ``"global"`` draws R_t2i
+    and R_t2q on one relevance scale and all R_q2i tiles on one Query-to-Patch scale, with colorbars in those units.
+
     Example:
         >>> from rgae.viz import synthetic_explanation
         >>> e = synthetic_explanation()
-        >>> fig = plot_decomposition(e, style="grid")
+        >>> fig = plot_decomposition(e, style="grid", normalize="global")
     """
+    _check_normalize(normalize)
     has_t2q = expl.text_to_query is not None
     has_q2p = expl.query_to_patch is not None
     n_panels = 1 + int(has_t2q) + int(has_q2p)
     panel_in = 2.45 if n_panels > 1 else 3.2
-    fig = _new_figure((panel_in * n_panels + 0.3, panel_in + 1.15))
+    fig = _new_figure((panel_in * n_panels + 0.3, panel_in + 1.15 + (0.35 if normalize == "global" else 0.0)))
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    vmin = vmax = None
+    if normalize == "global":
+        values = [to_numpy_map(expl.patch_map())]
+        if has_t2q:
+            values.append(to_numpy_map(expl.sentence_text_to_query.reshape(1, -1), name="text_to_query"))
+        vmin, vmax = float(min(v.min() for v in values)), float(max(v.max() for v in values))
     _draw_text_to_image(axes[0], expl, alpha=alpha, cmap=cmap, interpolation=interpolation,
-                        crop_to_content=crop_to_content)
+                        crop_to_content=crop_to_content, normalize=normalize, vmin=vmin, vmax=vmax)
     axes[0].set_title(_PANEL_TITLES["t2i"])
     k = 1
     if has_t2q:
-        _draw_text_to_query(axes[k], expl, style=style, top_k=top_k, cmap=cmap, panel_in=0.9 * panel_in)
+        _draw_text_to_query(axes[k], expl, style=style, top_k=top_k, cmap=cmap, panel_in=0.9 * panel_in,
+                            normalize=normalize, vmin=vmin, vmax=vmax, frame_top=True)
         axes[k].set_title(_PANEL_TITLES["t2q"])
         k += 1
+    chosen = None
     if has_q2p:
+        chosen = _query_selection(expl, queries)
         _draw_query_to_image(axes[k], expl, top_k=top_k, alpha=q2i_alpha, cmap=cmap, interpolation=q2i_interpolation,
-                             crop_to_content=crop_to_content)
-        axes[k].set_title(_PANEL_TITLES["q2i"])
+                             crop_to_content=crop_to_content, normalize=normalize, queries=chosen)
+        m = expl.query_to_patch.shape[0]
+        axes[k].set_title(_PANEL_TITLES["q2i"] + (f"\ntop {len(chosen)} of {m} queries" if chosen else ""))
     prefix = f"{expl.method}, projector {expl.projector_type}" if expl.projector_type else f"{expl.method}"
-    note = "" if n_panels > 1 else f"\n(no query stage for method {_escape(expl.method)})"
-    fig.suptitle(_caption(expl.target_text, _chars_per_line(fig.get_size_inches()[0]), prefix=f"{prefix}: ") + note)
-    _low_high_colorbar(fig, list(axes), cmap, "relevance (min–max per map)", orientation="horizontal",
-                       shrink=0.35 if n_panels > 1 else 0.7, aspect=30, pad=0.03)
+    note_line = "" if n_panels > 1 else f"\n(no query stage for method {_escape(expl.method)})"
+    if has_t2q and top_k > 0:
+        note_line += f"\nred frames: the top-{top_k} queries by sentence $R_{{t2q}}$"
+    chars = _chars_per_line(fig.get_size_inches()[0])
+    fig.suptitle(_with_note(_caption(expl.target_text, chars, prefix=f"{prefix}: ") + note_line, note, chars))
+    relevance_axes = list(axes[: 1 + int(has_t2q)])
+    bar = {"orientation": "horizontal", "aspect": 30, "pad": 0.03}
+    if normalize == "global":
+        _colorbar(fig, relevance_axes, cmap, vmin, vmax, "relevance (one scale for $R_{t2i}$ and $R_{t2q}$)",
+                  shrink=0.7, **bar)
+        if has_q2p:
+            _query_colorbar(fig, [axes[-1]], cmap, normalize, expl, shrink=0.9, **bar)
+    else:
+        _low_high_colorbar(fig, list(axes), cmap, "relevance (min–max of each panel; $R_{q2i}$: of each query)",
+                           shrink=0.35 if n_panels > 1 else 0.7, **bar)
     return _freeze_layout(fig)
 
 
@@ -555,7 +731,7 @@ def plot_comparison(
     explanations: Sequence[Any] | Mapping[str, Any], rows: str = "method",
     words: Sequence[int | str | None] | None = None,
     normalize: str = "per_map", show_image: bool = True, alpha: float = 0.5, cmap: Any = "jet",
-    interpolation: str = "bilinear", crop_to_content: bool = False,
+    interpolation: str = "bilinear", crop_to_content: bool = False, note: str | None = None,
 ):
     """Comparison grid: one row per explanation (labelled by method or projector), one column per word.
 
@@ -565,7 +741,9 @@ def plot_comparison(
         words: words (text or index into the first explanation's words; ``None`` = the sentence map).
             Default: all words of the first explanation. Words are matched by text in the other rows; a row
             without that word shows an empty cell.
-        normalize: ``"per_map"`` or ``"global"`` (every cell on one scale, one shared colorbar in relevance units).
+        normalize: ``"per_map"`` (each cell min–max) or ``"global"`` (every cell on one scale, one shared
+            colorbar in relevance units); the colorbar's label says which.
+        note: a line added to the title (e.g. that the image is out of the models' domain).
 
     Example:
         >>> from rgae.viz import synthetic_explanation
@@ -574,8 +752,7 @@ def plot_comparison(
     """
     if rows not in ("method", "projector"):
         raise ValueError(f"rows must be 'method' or 'projector', got {rows!r}")
-    if normalize not in ("per_map", "global"):
-        raise ValueError(f"normalize must be 'per_map' or 'global', got {normalize!r}")
+    _check_normalize(normalize)
     if isinstance(explanations, Mapping):
         labels, expls = [str(k) for k in explanations], list(explanations.values())
     else:
@@ -591,11 +768,9 @@ def plot_comparison(
         raise ValueError("no words to compare")
 
     def cell_map(e, word):
-        if word is None:
-            return to_numpy_map(e.patch_map())
-        if word not in e.words:
+        if word is not None and word not in e.words:
             return None
-        return to_numpy_map(e.patch_map(word=word))
+        return _select_map(e, word, None, interpolation)[0]
 
     maps = [[cell_map(e, w) for w in columns] for e in expls]
     present = [m for row in maps for m in row if m is not None]
@@ -624,19 +799,14 @@ def plot_comparison(
                 ax.text(0.5, 0.5, "word not\nin target", ha="center", va="center", fontsize=7, color="0.4",
                         transform=ax.transAxes)
             else:
-                ax.imshow(crop_to_box(
-                    overlay(_background(e), maps[r][c], alpha=alpha, cmap=cmap, interpolation=interpolation,
-                            normalize=normalize, **({"vmin": vmin, "vmax": vmax} if normalize == "global" else {})),
-                    _content_box(e, crop_to_content)))
-                _hide_ticks(ax)
+                _draw_text_to_image(ax, e, word=word, alpha=alpha, cmap=cmap, interpolation=interpolation,
+                                    normalize=normalize, vmin=vmin, vmax=vmax, crop_to_content=crop_to_content)
             if r == 0:
                 ax.set_title("sentence" if word is None else f"“{_short(word)}”")
         axes[r, 0].set_ylabel(_escape(label), fontsize=9.5)
-    if normalize == "global":
-        _colorbar(fig, axes, cmap, vmin, vmax, "relevance (shared scale)", shrink=0.8, pad=0.01)
-    else:
-        _low_high_colorbar(fig, axes, cmap, "relevance (min–max per map)", shrink=0.8, pad=0.01)
-    fig.suptitle(_caption(first.target_text, _chars_per_line(fig.get_size_inches()[0])))
+    _scale_colorbar(fig, axes, cmap, normalize, vmin, vmax, shrink=0.8, pad=0.01)
+    chars = _chars_per_line(fig.get_size_inches()[0])
+    fig.suptitle(_with_note(_caption(first.target_text, chars), note, chars))
     return _freeze_layout(fig)
 
 
