@@ -245,12 +245,10 @@ class Explanation:
         return self.query_values(token, word).reshape(self.query_grid)
 
     # ---- persistence -------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def to_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(metadata, tensors)``: the JSON-serializable fields and the tensors (CPU, contiguous, never sharing
+        storage) that :meth:`save` writes and :meth:`from_parts` reads back; explanation stores keep many of them
+        in one file."""
         tensors = {}
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
@@ -270,6 +268,34 @@ class Explanation:
             tensors["layout.placeholder"] = self.layout.placeholder.clone()
             if self.layout.query_to_patch is not None:
                 tensors["layout.query_to_patch"] = self.layout.query_to_patch.detach().cpu().clone()
+        return meta, tensors
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> Explanation:
+        """The explanation of :meth:`to_parts`' ``(metadata, tensors)`` (neither argument is modified)."""
+        meta, tensors = dict(meta), dict(tensors)
+        image = tensors.pop("image", None)
+        layout_meta = meta.pop("layout", None)
+        layout = None
+        if layout_meta is not None:
+            layout = ImageLayout.from_dict(
+                layout_meta,
+                tensors.pop("layout.positions"),
+                tensors.pop("layout.query_to_patch", None),
+                tensors.pop("layout.placeholder", None),
+            )
+        for key in ("patch_grid", "query_grid"):
+            if meta.get(key) is not None:
+                meta[key] = tuple(meta[key])
+        return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta, tensors = self.to_parts()
         atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
         atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return path
@@ -285,22 +311,7 @@ class Explanation:
             raise FileNotFoundError(
                 f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)"
             )
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(str(tensor_file))
-        image = tensors.pop("image", None)
-        layout_meta = meta.pop("layout", None)
-        layout = None
-        if layout_meta is not None:
-            layout = ImageLayout.from_dict(
-                layout_meta,
-                tensors.pop("layout.positions"),
-                tensors.pop("layout.query_to_patch", None),
-                tensors.pop("layout.placeholder", None),
-            )
-        for key in ("patch_grid", "query_grid"):
-            if meta.get(key) is not None:
-                meta[key] = tuple(meta[key])
-        return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
+        return cls.from_parts(json.loads(meta_file.read_text()), load_file(str(tensor_file)))
 
     # ---- display -----------------------------------------------------------------------------------------
     def plot(self, kind: str = "decomposition", **kwargs):

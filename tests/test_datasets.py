@@ -21,7 +21,7 @@ from rgae import Explanation
 from rgae.datasets import ExplanationStore, evaluation, read_dataset, record_from_json, record_to_json, stats, store
 from rgae.datasets.readers import register_reader
 from rgae.datasets.records import Box, Record
-from rgae.metrics import energy_in_box, pointing_game, random_pointing_baseline
+from rgae.metrics import image_energy_in_box, image_pointing_game, layout_random_pointing
 
 DOCTEST_MODULES = ["rgae.datasets.records", "rgae.datasets.readers", "rgae.datasets.stats",
                    "rgae.datasets.evaluation", "deco_models.data.shapes_dataset"]
@@ -155,33 +155,56 @@ def test_shapes_reader_scores_exactly_the_words_the_shapes_table_scores():
 # ------------------------------------------------------------------------------------------- mask vs box metrics
 
 
-@settings(max_examples=100, deadline=None)
-@given(data=st.data(), cell=st.sampled_from([2, 4, 8]), gh=st.integers(1, 6), gw=st.integers(1, 6),
-       scale=st.sampled_from([1, 2]))
-def test_a_mask_that_is_the_box_scores_exactly_like_the_box(data, cell, gh, gw, scale):
-    # Cells of `cell` px tile a frame in which the original h0 x w0 image sits at an offset, upscaled by `scale`
-    # (a padded and resized image); the box is in original pixels, the mask is the box's rectangle.
-    fh, fw = cell * gh, cell * gw
-    h0 = data.draw(st.integers(1, fh // scale))
-    w0 = data.draw(st.integers(1, fw // scale))
-    oy, ox = data.draw(st.integers(0, fh - h0 * scale)), data.draw(st.integers(0, fw - w0 * scale))
-    content = (ox, oy, ox + w0 * scale, oy + h0 * scale)
-    values = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0]), min_size=gh * gw,
-                                         max_size=gh * gw))).reshape(gh, gw)
-    x0 = data.draw(st.integers(0, w0 - 1))
-    y0 = data.draw(st.integers(0, h0 - 1))
-    box = (x0, y0, data.draw(st.integers(x0 + 1, w0)), data.draw(st.integers(y0 + 1, h0)))
-    wm = evaluation.WordMap(values=values, frame_hw=(fh, fw), content_box=content)
-    region = np.zeros((h0, w0), bool)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), h=st.integers(1, 20), w=st.integers(1, 20), views=st.integers(1, 2))
+def test_a_mask_that_is_the_box_scores_exactly_like_the_box(data, h, w, views):
+    # Views of a few patches over an h x w image, padded past its edges (a padded square, a tile): the word's map is
+    # the layout's rendering over the original pixels; the mask is an integer box's rectangle.
+    from rgae.layout import ImageLayout, View
+
+    parts = []
+    for k in range(views):
+        x0, y0 = data.draw(st.integers(-5, w - 1)), data.draw(st.integers(-5, h - 1))
+        grid = (data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5)))
+        parts.append(View(f"v{k}", grid, (x0, y0, data.draw(st.integers(x0 + 1, w + 5)),
+                                          data.draw(st.integers(y0 + 1, h + 5)))))
+    layout = ImageLayout((h, w), parts, [0])
+    values = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0]),
+                                             min_size=layout.n_patches, max_size=layout.n_patches)))
+    image_map = layout.render(values).numpy()
+    x0, y0 = data.draw(st.integers(0, w - 1)), data.draw(st.integers(0, h - 1))
+    box = (x0, y0, data.draw(st.integers(x0 + 1, w)), data.draw(st.integers(y0 + 1, h)))
+    region = np.zeros((h, w), bool)
     region[box[1]:box[3], box[0]:box[2]] = True
-    center, coverage = evaluation.mask_cells(region, wm)
-    fbox = wm.to_frame(box, (h0, w0))
-    top = evaluation._top_cell(values)
-    assert (0.0 if top is None else float(center[top])) == float(pointing_game(values, fbox, image_hw=(fh, fw)))
-    assert center.mean() == pytest.approx(random_pointing_baseline(fbox, (gh, gw), (fh, fw)), abs=1e-12)
-    pos = np.clip(values.reshape(-1), 0, None)
-    energy = (pos * coverage).sum() / pos.sum() if pos.sum() > 0 else 0.0
-    assert energy == pytest.approx(energy_in_box(values, fbox, image_hw=(fh, fw)), abs=1e-12)
+    pointing, random, energy = evaluation.region_scores(image_map, region, layout)
+    assert pointing == float(image_pointing_game(image_map, box))
+    assert random == layout_random_pointing(layout, box)
+    assert energy == pytest.approx(image_energy_in_box(image_map, box), abs=1e-12)
+
+
+def _tiled() -> Explanation:
+    """Two views, as a tiled model sees an image: a global view and a tile over its right half; "dog"'s relevance
+    sits in the tile's left patch, i.e. in columns 4..5 of the 8-wide image."""
+    from rgae.layout import ImageLayout, View
+
+    layout = ImageLayout((4, 8), (View("global", (1, 2), (0, 0, 8, 4)), View("tile", (1, 2), (4, 0, 8, 4))),
+                         torch.arange(4), query_to_patch=torch.eye(4), rule="identity")
+    return Explanation(method="rgae", target_text="a dog", output_tokens=["a", "dog"],
+                       text_to_patch=torch.tensor([[0.0] * 4, [0.0, 0.0, 8.0, 0.0]]), layout=layout,
+                       image=np.zeros((4, 8, 3), np.uint8), image_positions=torch.arange(4))
+
+
+def test_tiled_maps_are_scored_on_the_original_image():
+    # Not where the tile's patch index would put it on a single grid.
+    e = _tiled()
+    r = Record(id="t", image="x.png", boxes=(Box(("dog",), (4, 0, 6, 4)),), original_hw=(4, 8))
+    (score,) = evaluation.localization_scores(e, r)
+    # Of the 4 patch centers (2, 2), (6, 2) global and (5, 2), (7, 2) in the tile, one lies in the box.
+    assert (score.pointing, score.energy, score.pointing_random) == (1.0, 1.0, 0.25)
+    with pytest.raises(ValueError, match=r"record's image is \(4, 4\)"):
+        evaluation.localization_scores(e, Record(id="t", image="x.png", boxes=r.boxes, original_hw=(4, 4)))
+    with pytest.raises(ValueError, match="several views .*global, tile.*pointing,energy"):
+        evaluation.check_perturbable(e)
 
 
 def _explanation(t2p: torch.Tensor, words: list[str], grid=(2, 2), image_hw=(8, 8)) -> Explanation:
@@ -287,7 +310,7 @@ def _synthetic(k: int) -> Explanation:
                        text_to_patch=torch.rand(3, 4, generator=g), patch_grid=(2, 2),
                        text_to_query=torch.rand(3, 4, generator=g), query_to_patch=torch.eye(4), query_grid=(2, 2),
                        token_ids=torch.tensor([5, 6, 7]), token_probs=torch.rand(3, generator=g),
-                       image=np.full((8, 8, 3), k, np.uint8), content_box=(0, 0, 8, 8), prompt="p", options={"k": k})
+                       image=np.full((8, 8, 3), k, np.uint8), prompt="p", options={"k": k})
 
 
 def assert_same_explanation(a: Explanation, b: Explanation) -> None:
@@ -298,6 +321,11 @@ def assert_same_explanation(a: Explanation, b: Explanation) -> None:
             assert x.dtype == y.dtype and torch.equal(x, y), f
         elif isinstance(x, np.ndarray):
             assert np.array_equal(x, y), f
+        elif f == "layout" and x is not None:
+            assert x.to_dict() == y.to_dict(), f
+            for part in ("positions", "placeholder", "query_to_patch"):
+                px, py = getattr(x, part), getattr(y, part)
+                assert (px is None and py is None) or torch.equal(px, py), f"layout.{part}"
         else:
             assert x == y, f
 
@@ -331,6 +359,18 @@ def test_store_round_trip_equals_explanation_save_and_load(tmp_path):
     assert sum(t.shape == (8, 8) for t in stored) == 1 and s.record("id0").mask.dtype == np.uint8
     with pytest.raises(KeyError, match="it failed: ValueError"):
         s["bad"]
+
+
+def test_store_keeps_a_tiled_explanation_s_layout(tmp_path):
+    store.write_manifest(tmp_path / "s", {"method": "rgae"})
+    writer = store.ShardWriter(tmp_path / "s")
+    writer.add(0, Record(id="t", image="x.png", original_hw=(4, 8)), _tiled(), 0.1)
+    writer.flush()
+    back = ExplanationStore(tmp_path / "s")["t"]
+    _tiled().save(tmp_path / "e")
+    assert_same_explanation(back, Explanation.load(tmp_path / "e"))
+    assert back.layout.to_dict() == _tiled().layout.to_dict()
+    assert torch.equal(back.image_map(word="dog"), _tiled().image_map(word="dog"))
 
 
 def test_store_files_are_atomic_and_readable_by_others(tmp_path):

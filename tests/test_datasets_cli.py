@@ -81,7 +81,7 @@ def _shard_ids(store: Path) -> list[str]:
 
 def explain(model, data, out, *extra) -> int:
     return main(["explain-dataset", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
-                 *extra])
+                 *map(str, extra)])
 
 
 # --------------------------------------------------------------------------------------------------- explain-dataset
@@ -159,9 +159,23 @@ def test_other_settings_against_a_store_are_refused(tiny_model, data, tmp_path, 
         orphan.release()
     (tmp_path / "file").write_text("x")
     assert explain(tiny_model, "shapes:3:2", tmp_path / "file") == 2
-    assert "is a file" in capsys.readouterr().err
+    assert "is an existing file; give a folder" in capsys.readouterr().err
     assert explain(tiny_model, "nosuch:1", tmp_path / "t") == 2
     assert "unknown scheme" in capsys.readouterr().err
+    # Cheap checks, all before a model is loaded, each one line.
+    for args, message in (
+        ((tmp_path / "none.jsonl", tmp_path / "t"), "none.jsonl: no such file (expected a records file"),
+        (("shapes:3:2", tmp_path / "t", "--image-folder", tmp_path / "nope"), "--image-folder"),
+        (("shapes:3:2", tmp_path / "t", "--layer", "1"), "--layer is an option of --method rawattn"),
+        (("shapes:3:2", tmp_path / "t", "--batch-records", "0"), "--batch-records must be >= 1"),
+    ):
+        assert explain(tiny_model, *args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["explain-dataset", "--model", "no-such-model", "--data", "shapes:3:2", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert "neither a zoo model name nor an existing folder" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
     assert len(ExplanationStore(out)) == 2  # untouched
 
 

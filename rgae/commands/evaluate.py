@@ -15,9 +15,8 @@ report.md and figures to --out.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from rgae.commands.explain_dataset import UsageError, one_line_errors
+from rgae.cli_base import HelpFormatter, UsageError, check_device, check_output_folder, help_text, user_errors
 
 
 def _metrics(text: str) -> tuple[str, ...]:
@@ -39,17 +38,25 @@ def _store_names(stores, names) -> list[str]:
     return default if len(set(default)) == len(default) else ["A", "B"][: len(stores)]
 
 
-def _load_store_model(store, name: str | None, device):
+def _store_model(store, given: str | None) -> str:
+    """The model deletion/insertion re-run for ``store``: ``--model`` or the manifest's, checked without loading."""
+    from rgae.commands.explain import model_source
+
+    name = given or store.manifest.get("model")
+    try:
+        model_source(name)
+    except UsageError as exc:
+        raise UsageError(f"deletion/insertion need the model of {store.path}: {exc} (pass --model, or --metrics "
+                         f"pointing,energy)") from None
+    return name
+
+
+def _load_store_model(store, name: str, device):
     from rgae.commands.explain import load_model
     from rgae.datasets.runner import model_fingerprint
 
-    name = name or store.manifest.get("model")
     dtype = (store.manifest.get("options") or {}).get("dtype", "float32")
-    try:
-        model, processor = load_model(name, dtype=dtype, device=device)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"deletion/insertion need the model of {store.path}: {exc} (pass --model, or --metrics "
-                         f"pointing,energy)") from None
+    model, processor = load_model(name, dtype=dtype, device=device)
     expected = store.manifest.get("model_fingerprint")
     if expected and model_fingerprint(model) != expected:
         raise UsageError(f"--model {name!r} is not the model {store.path} was made with (its weights differ)")
@@ -57,10 +64,10 @@ def _load_store_model(store, name: str | None, device):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rgae.datasets.evaluation import compare, evaluate_store, summarize
+    from rgae.datasets.evaluation import check_perturbable, compare, evaluate_store, summarize
     from rgae.datasets.processes import partial_state
     from rgae.datasets.report import write_report
-    from rgae.datasets.store import ExplanationStore
+    from rgae.datasets.store import ExplanationStore, StoreError
 
     metrics = _metrics(args.metrics)
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
@@ -70,24 +77,29 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if len(args.stores) > 2:
         raise UsageError(f"give one store, or two to compare; got {len(args.stores)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; the report is a folder")
+    out = check_output_folder(args.out, "--out")
     if len(args.model or []) > len(args.stores):
         raise UsageError(f"--model given {len(args.model)} times for {len(args.stores)} store(s)")
-    stores = [ExplanationStore(p) for p in args.stores]
+    if args.device is not None:
+        args.device = check_device(args.device)
+    with user_errors(StoreError):
+        stores = [ExplanationStore(p) for p in args.stores]
     names = _store_names(stores, args.names)
-    for store in stores:
+    perturb = bool({"deletion", "insertion"} & set(metrics))
+    model_names = []
+    for k, store in enumerate(stores):
         if not len(store):
             raise UsageError(f"{store.path} holds no explanations ({len(store.failures)} failures)")
+        if perturb:
+            with user_errors(ValueError):  # a tiled model's store: deletion/insertion are single-grid only
+                check_perturbable(store[store.ids()[0]])
+            model_names.append(_store_model(store, (args.model or [])[k] if k < len(args.model or []) else None))
     state = partial_state()
-    perturb = bool({"deletion", "insertion"} & set(metrics))
     evaluations = []
     for k, store in enumerate(stores):
         model = processor = None
         if perturb:
-            given = (args.model or [])[k] if k < len(args.model or []) else None
-            model, processor = _load_store_model(store, given, args.device or str(state.device))
+            model, processor = _load_store_model(store, model_names[k], args.device or str(state.device))
         evaluations.append(evaluate_store(store, metrics, model=model, processor=processor, name=names[k],
                                           steps=args.steps, baseline=args.baseline, batch_size=args.batch_size,
                                           state=state, progress=not args.no_progress, work_dir=out))
@@ -113,8 +125,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate",
         help="score explanation stores (pointing game, energy, deletion/insertion) and write a report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_text(__doc__),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="one store, or two to compare (same records)")
     p.add_argument("--out", required=True, help="report folder: metrics.json, report.md, figures")
@@ -134,9 +146,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=int, default=4, help="best and worst words shown per store (0: none)")
     p.add_argument("--device", default=None, help="default: this process's accelerate device")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
     return p
-
-
-def _main(args) -> int:
-    return one_line_errors("evaluate", lambda: run(args))

@@ -16,57 +16,64 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 from pathlib import Path
 
-from rgae.commands.explain import DTYPES, METHODS
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or its input files: one line on stderr and exit code 2, no traceback."""
-
-
-def one_line_errors(prog: str, run) -> int:
-    """``run()``, with user mistakes (``UsageError`` and the library's ``ValueError`` / ``FileNotFoundError`` for
-    bad input) printed as one line and exit code 2; anything else is a bug and keeps its traceback."""
-    try:
-        return run()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rgae {prog}: error: {exc}", file=sys.stderr)
-        return 2
+from rgae.cli_base import (
+    HelpFormatter,
+    UsageError,
+    check_device,
+    check_input_file,
+    check_input_folder,
+    check_output_folder,
+    help_text,
+    user_errors,
+)
+from rgae.commands.explain import DTYPES, METHODS, check_layer, method_options, model_source
 
 
 def data_identity(spec: str) -> str:
     """What the store records as its data: file specs by absolute path (the same file from another folder is the
     same data), reader specs as given."""
+    from rgae.datasets.readers import data_file
+
+    file = data_file(spec)
+    if file is None:
+        return spec
     scheme, _, rest = spec.partition(":")
-    if scheme in ("jsonl", "rec"):
-        return f"{scheme}:{os.path.abspath(rest)}"
-    if Path(spec).exists() or not rest:
-        return os.path.abspath(spec)
-    return spec
+    if scheme in ("jsonl", "rec") and file == Path(rest):
+        return f"{scheme}:{os.path.abspath(file)}"
+    return os.path.abspath(file)
 
 
-def default_image_folder(spec: str) -> str | None:
-    """The folder of a data file (its image paths are relative to it by default); None for reader specs."""
-    scheme, _, rest = spec.partition(":")
-    path = Path(rest) if scheme in ("jsonl", "rec") else Path(spec)
-    return str(path.parent) if path.is_file() else None
+def check_arguments(args: argparse.Namespace) -> tuple[list, dict, dict, str | None]:
+    """Every check that needs no model: ``(records, options, manifest, image folder)``."""
+    from rgae.datasets.readers import data_file, read_dataset
+    from rgae.datasets.store import StoreError, check_manifest
 
-
-def attribute_options(args: argparse.Namespace) -> dict:
-    """The ``attribute(**options)`` of ``args.method`` (what ``rgae explain`` passes, without progress bars)."""
-    options: dict = {"max_new_tokens": args.max_new_tokens}
-    if args.method == "rgae":
-        options["through_vision"] = args.through_vision
-    if args.method == "rawattn" and args.layer is not None:
-        if args.layer != "mean":
-            try:
-                int(args.layer)
-            except ValueError:
-                raise UsageError(f"--layer must be an integer or 'mean', got {args.layer!r}") from None
-        options["layer"] = args.layer if args.layer == "mean" else int(args.layer)
-    return options
+    model_source(args.model)
+    if args.batch_records < 1:
+        raise UsageError(f"--batch-records must be >= 1, got {args.batch_records}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: give an instruction, or leave --prompt out for the default one")
+    options = method_options(args)
+    file = data_file(args.data)
+    if file is not None:
+        check_input_file(file, "--data", what="a records file (JSON Lines)")
+    if args.image_folder is not None:
+        check_input_folder(args.image_folder, "--image-folder", what="the folder of the records' images")
+    check_output_folder(args.out, "--out")
+    if args.device is not None:
+        args.device = check_device(args.device)
+    # A data file's image paths are relative to its folder unless --image-folder says otherwise.
+    image_folder = args.image_folder or (str(file.parent) if file is not None else None)
+    with user_errors(ValueError):  # the data's records: a bad line is the user's, named by file and line
+        records = read_dataset(args.data, image_folder)
+    manifest = {"model": args.model, "method": args.method,
+                "options": {**options, "dtype": args.dtype, "prompt": args.prompt},
+                "data": data_identity(args.data)}
+    with user_errors(StoreError):
+        check_manifest(args.out, manifest)
+    return records, options, manifest, image_folder
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,30 +81,22 @@ def run(args: argparse.Namespace) -> int:
     import rgae.methods as methods
     from rgae.commands.explain import load_model
     from rgae.datasets.processes import partial_state
-    from rgae.datasets.readers import read_dataset
     from rgae.datasets.runner import RecordError, explain_dataset, model_fingerprint
-    from rgae.datasets.store import check_manifest
+    from rgae.datasets.store import ExplanationStore, StoreError
 
-    if args.batch_records < 1:
-        raise UsageError(f"--batch-records must be >= 1, got {args.batch_records}")
-    options = attribute_options(args)
-    settings = {**options, "dtype": args.dtype, "prompt": args.prompt}
-    manifest = {"model": args.model, "method": args.method, "options": settings, "data": data_identity(args.data)}
-    # Cheap checks before a model is loaded: the data parses and the store (if any) was made the same way.
-    image_folder = args.image_folder or default_image_folder(args.data)
-    records = read_dataset(args.data, image_folder)
-    check_manifest(args.out, manifest)
-
+    records, options, manifest, image_folder = check_arguments(args)
     state = partial_state()
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device or str(state.device))
+    check_layer(model, options.get("layer"))
     manifest.update(model_fingerprint=model_fingerprint(model), rgae_version=rgae.__version__,
                     created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     explainer = getattr(methods, METHODS[args.method])(model, processor, model_name=args.model)
     try:
-        summary = explain_dataset(explainer, records, args.out, manifest=manifest, options=options,
-                                  prompt=args.prompt, image_folder=image_folder, batch_records=args.batch_records,
-                                  fail_fast=args.fail_fast, retry_failed=args.retry_failed,
-                                  progress=not args.no_progress, state=state)
+        with user_errors(StoreError):  # another run holds the store, or made it meanwhile with other settings
+            summary = explain_dataset(explainer, records, args.out, manifest=manifest, options=options,
+                                      prompt=args.prompt, image_folder=image_folder,
+                                      batch_records=args.batch_records, fail_fast=args.fail_fast,
+                                      retry_failed=args.retry_failed, progress=not args.no_progress, state=state)
     except RecordError as exc:
         if isinstance(exc.error, ValueError | OSError):  # bad input data, not a bug: no traceback
             raise UsageError(f"--fail-fast: {exc}") from None
@@ -108,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['seconds']:.1f} s\nstore {args.out}: {summary['store_records']} explanations, "
               f"{summary['store_failures']} failures")
         if summary["store_failures"]:
-            from rgae.datasets.store import ExplanationStore
-
             for rid, error in list(ExplanationStore(args.out).failures.items())[:5]:
                 print(f"  failed {rid}: {error}")
     return 0
@@ -119,8 +116,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "explain-dataset",
         help="explain every record of a dataset (sharded over processes, resumable) into an explanation store",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_text(__doc__),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="zoo name (deco zoo) or a saved deco / llava-hf model folder")
     p.add_argument("--data", required=True,
@@ -144,9 +141,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing record (after saving)")
     p.add_argument("--retry-failed", action="store_true", help="explain again the records that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
     return p
-
-
-def _main(args) -> int:
-    return one_line_errors("explain-dataset", lambda: run(args))

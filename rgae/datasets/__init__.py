@@ -7,14 +7,16 @@ Example:
     >>> store = ExplanationStore("runs/shapes-rgae")  # doctest: +SKIP
 """
 
-from rgae.datasets.readers import read_dataset, read_jsonl, read_rec, readers, register_reader
+from rgae.datasets.readers import data_file, read_dataset, read_jsonl, read_rec, readers, register_reader
 from rgae.datasets.records import Box, Record, normalize_word, record_from_json, record_to_json, word_kind
-from rgae.datasets.store import ExplanationStore
+from rgae.datasets.store import ExplanationStore, StoreError
 
 __all__ = [
     "Box",
     "ExplanationStore",
     "Record",
+    "StoreError",
+    "data_file",
     "explain_dataset",
     "normalize_word",
     "read_dataset",

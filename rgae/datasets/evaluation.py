@@ -1,15 +1,19 @@
 """Scoring a store: localization of every scored word against its boxes and masks, perturbation curves of every
 record, and their summaries (means with clustered bootstrap intervals, per word kind, two stores paired).
 
-Localization (no model needed), per (record, target word, box whose ``words`` contain it):
+Localization (no model needed), per (record, target word, box whose ``words`` contain it), on the word's map over
+the **original** image's pixels (:func:`word_image_map`, i.e. :meth:`rgae.Explanation.image_map`: tiled and
+multi-view models included, boxes in original-image pixels):
 
-- ``pointing``: the word map's top cell has its center inside the box (:func:`rgae.metrics.pointing_game`, the
-  project's criterion; a map with all values equal is a miss); ``pointing_random``: the hit rate of a uniformly
-  random cell (:func:`rgae.metrics.random_pointing_baseline`);
-- ``energy``: the share of the map's positive mass inside the box (:func:`rgae.metrics.energy_in_box`);
+- ``pointing``: the map points into the box (:func:`rgae.metrics.image_pointing_game`: the centroid of its maximal
+  pixels, for a single-grid model the top patch's center; a map with all values equal is a miss);
+  ``pointing_random``: the hit rate of a uniformly random patch (:func:`rgae.metrics.layout_random_pointing`);
+- ``energy``: the share of the map's positive mass inside the box (:func:`rgae.metrics.image_energy_in_box`);
 - with a mask, ``pointing_mask`` / ``pointing_mask_random`` / ``energy_mask``: the same against the object's mask
-  pixels (the top cell's center pixel lies on the mask; each cell's mass spread over its pixels). A mask that is
-  exactly the box gives exactly the box numbers.
+  pixels (:func:`region_scores`). A mask that is exactly an integer box gives exactly the box numbers.
+
+These are the functions ``examples/shapes_table.py`` scores with (``rgae.metrics.word_pointing_game``), so a
+shapes store reproduces its pointing game.
 
 Perturbation (the model is needed): ``deletion`` and ``insertion`` curves of the sentence map
 (:func:`rgae.metrics.insertion_deletion`, batched masked forwards) and their AUCs, on the mean per-token
@@ -33,16 +37,16 @@ import numpy as np
 from rgae.datasets.records import WORD_KINDS, Record, normalize_word
 from rgae.datasets.stats import bootstrap_means, mean_ci, paired_permutation_test, percentile_ci
 from rgae.metrics import (
-    box_to_model_frame,
-    energy_in_box,
+    image_energy_in_box,
+    image_point,
+    image_pointing_game,
     insertion_deletion,
-    patch_index_map,
-    pointing_game,
-    random_pointing_baseline,
+    layout_patch_centers,
+    layout_random_pointing,
 )
 
-__all__ = ["METRICS", "StoreEvaluation", "WordMap", "WordScore", "compare", "evaluate_store", "localization_scores",
-           "mask_cells", "summarize", "word_map"]
+__all__ = ["METRICS", "StoreEvaluation", "WordScore", "check_perturbable", "compare", "evaluate_store",
+           "localization_scores", "region_scores", "summarize", "word_image_map"]
 
 METRICS = ("pointing", "energy", "deletion", "insertion")
 LOCALIZATION = ("pointing", "pointing_random", "energy", "pointing_mask", "pointing_mask_random", "energy_mask")
@@ -52,77 +56,59 @@ PERTURBATION = ("deletion", "insertion")
 # ------------------------------------------------------------------------------------------------ the word's map
 
 
-@dataclass(frozen=True)
-class WordMap:
-    """A word's relevance ``values [h, w]`` on cells that tile the pixel frame ``frame_hw`` (``image`` is that frame
-    as RGB, for display), with the original image at ``content_box = (x0, y0, x1, y1)`` inside the frame."""
-
-    values: np.ndarray
-    frame_hw: tuple[int, int]
-    content_box: tuple[float, float, float, float]
-    image: np.ndarray | None = None
-
-    def to_frame(self, box, original_hw) -> tuple[float, float, float, float]:
-        """An original-image pixel box in the frame's pixels."""
-        return box_to_model_frame(box, original_hw, self.content_box)
-
-
-def word_map(explanation, word: int) -> WordMap:
-    """The one place where an explanation and a word become a pixel map for the metrics.
-
-    Today: the word's Text-to-Patch map on the patch grid, whose patches tile the model-seen image
-    (``explanation.image``), with the original image at ``explanation.content_box`` in it. When
-    ``Explanation.image_map(word=...)`` (relevance over the original image's pixels) is available, this becomes
-    ``WordMap(explanation.image_map(word=word), original_hw, (0, 0, W, H), original image)``.
-    """
-    if explanation.image is None:
-        raise ValueError("the explanation has no image: its model-seen image size is needed to place the boxes")
-    h, w = explanation.image.shape[:2]
-    values = explanation.patch_map(word=word).detach().double().cpu().numpy()
-    content = explanation.content_box or (0, 0, w, h)
-    return WordMap(values=values, frame_hw=(int(h), int(w)), content_box=tuple(float(v) for v in content),
-                   image=explanation.image)
-
-
-def _top_cell(values: np.ndarray) -> int | None:
-    """The first maximum in row-major order; None for a map with all values equal (it points nowhere)."""
-    flat = values.reshape(-1)
-    return None if flat.max() == flat.min() else int(np.argmax(flat))
-
-
-def mask_cells(region: np.ndarray, wm: WordMap) -> tuple[np.ndarray, np.ndarray]:
-    """For each cell of ``wm``: whether its center pixel lies on ``region`` (``bool [H0, W0]`` over the original
-    image), and the fraction of its frame pixels that do (``[N]`` bool, ``[N]`` float). Frame pixels are mapped to
-    the original pixel under their center; pixels outside the content box are off the region. Cells that tile the
-    frame in whole pixels (patch grids, pixel maps) give exactly the box metrics for a rectangular region; other
-    grids count each pixel in the cell :func:`rgae.metrics.patch_index_map` assigns it to.
+def word_image_map(explanation, word: int, original_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The one place where an explanation and a word become a pixel map for the metrics:
+    ``float64 [H, W]`` relevance over the **original** image's pixels (:meth:`rgae.Explanation.image_map`: every
+    view's patches warped back, tiles included), so boxes and masks are read in original-image pixels for every model
+    family. ``original_hw``, when given, must be the explanation's image size.
 
     Example:
-        >>> wm = WordMap(np.zeros((2, 2)), frame_hw=(4, 4), content_box=(0, 0, 4, 4))
-        >>> region = np.zeros((4, 4), bool); region[:2, :3] = True
-        >>> center, coverage = mask_cells(region, wm)
-        >>> center.tolist(), coverage.tolist()
-        ([True, False, False, False], [1.0, 0.5, 0.0, 0.0])
+        >>> import torch
+        >>> from rgae import Explanation
+        >>> e = Explanation(method="rgae", target_text="a dog", output_tokens=["a", "dog"],
+        ...                 text_to_patch=torch.tensor([[0., 0.], [4., 0.]]), patch_grid=(1, 2),
+        ...                 image=np.zeros((2, 4, 3), np.uint8))
+        >>> word_image_map(e, 1).tolist()   # patch 0's relevance spread over its 2 x 2 pixels
+        [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+    """
+    if explanation.image is None and explanation.layout is None:
+        raise ValueError("the explanation has no image or layout: boxes cannot be placed on it")
+    hw = tuple(explanation.image_layout.image_size)
+    if original_hw is not None and tuple(int(v) for v in original_hw) != hw:
+        raise ValueError(f"the record's image is {tuple(original_hw)} (H, W) but the explanation's is {hw}")
+    return explanation.image_map(word=word).numpy()
+
+
+def region_scores(image_map: np.ndarray, region: np.ndarray, layout) -> tuple[float, float, float]:
+    """``(pointing, random baseline, energy)`` of an ``[H, W]`` map against a pixel region (``bool [H, W]``, e.g. an
+    object's mask): the pixel under :func:`rgae.metrics.image_point` is on the region (a map with all pixels equal
+    is a miss); the share of ``layout``'s patches whose center (:func:`rgae.metrics.layout_patch_centers`) is on it;
+    the share of the map's positive mass on it. A region that is an integer box gives exactly
+    :func:`~rgae.metrics.image_pointing_game`, :func:`~rgae.metrics.layout_random_pointing` and
+    :func:`~rgae.metrics.image_energy_in_box` of that box.
+
+    Example:
+        >>> import torch
+        >>> from rgae.layout import ImageLayout, View
+        >>> layout = ImageLayout((4, 4), (View("image", (2, 2), (0, 0, 4, 4)),), [0, 1, 2, 3])
+        >>> m = layout.render(torch.tensor([0.0, 4.0, 0.0, 0.0])).numpy()   # all mass in the top-right patch
+        >>> region = np.zeros((4, 4), bool); region[0:2, 2] = True          # half of it, not its center pixel
+        >>> region_scores(m, region, layout)
+        (0.0, 0.0, 0.5)
     """
     region = np.asarray(region, dtype=bool)
-    h0, w0 = region.shape
-    fh, fw = wm.frame_hw
-    gh, gw = wm.values.shape
-    x0, y0, x1, y1 = wm.content_box
-
-    def lookup(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """``region`` at frame points ``(ys, xs)`` (broadcast), False outside the original image."""
-        oy = np.floor((ys - y0) * h0 / (y1 - y0)).astype(np.int64)
-        ox = np.floor((xs - x0) * w0 / (x1 - x0)).astype(np.int64)
-        inside = (oy >= 0) & (oy < h0) & (ox >= 0) & (ox < w0)
-        return inside & region[np.clip(oy, 0, h0 - 1), np.clip(ox, 0, w0 - 1)]
-
-    cy, cx = (np.arange(gh) + 0.5) * fh / gh, (np.arange(gw) + 0.5) * fw / gw
-    center = lookup(cy[:, None], cx[None, :]).reshape(-1)
-    on = lookup((np.arange(fh) + 0.5)[:, None], (np.arange(fw) + 0.5)[None, :]).reshape(-1)
-    cell = patch_index_map((fh, fw), (gh, gw)).reshape(-1).numpy()
-    coverage = np.bincount(cell, weights=on, minlength=gh * gw) / np.bincount(cell, minlength=gh * gw)
-    return center, coverage
+    if region.shape != image_map.shape:
+        raise ValueError(f"region is {region.shape} but the map is {image_map.shape} (both original-image pixels)")
+    h, w = region.shape
+    point = image_point(image_map)
+    pointing = 0.0 if point is None else float(region[min(int(point[1]), h - 1), min(int(point[0]), w - 1)])
+    cx, cy, visible = layout_patch_centers(layout)
+    on = region[np.clip(np.floor(cy).astype(np.int64), 0, h - 1), np.clip(np.floor(cx).astype(np.int64), 0, w - 1)]
+    random = float((on & visible).sum() / max(int(visible.sum()), 1))
+    positive = np.clip(image_map, 0, None)
+    total = positive.sum()
+    energy = 0.0 if total <= 0 else float(positive[region].sum() / total)
+    return pointing, random, energy
 
 
 # --------------------------------------------------------------------------------------------------- localization
@@ -155,27 +141,25 @@ def localization_scores(explanation, record: Record) -> list[WordScore]:
     if record.original_hw is None:
         raise ValueError(f"record {record.id!r} has no original_hw (the size of its image)")
     out = []
-    maps: dict[int, WordMap] = {}
+    maps: dict[int, np.ndarray] = {}
+    layout = explanation.image_layout
     for i, word in enumerate(explanation.words):
         w = normalize_word(word)
         for j, box in enumerate(record.boxes):
             if not w or w not in box.words:
                 continue
-            wm = maps.setdefault(i, word_map(explanation, i))
-            frame_box = wm.to_frame(box.box, record.original_hw)
+            if i not in maps:
+                maps[i] = word_image_map(explanation, i, record.original_hw)
+            image_map = maps[i]
             score = WordScore(
                 record=record.id, word_index=i, word=w, box_index=j, kind=box.kind(w),
-                pointing=float(pointing_game(wm.values, frame_box, image_hw=wm.frame_hw)),
-                pointing_random=random_pointing_baseline(frame_box, wm.values.shape, wm.frame_hw),
-                energy=energy_in_box(wm.values, frame_box, image_hw=wm.frame_hw),
+                pointing=float(image_pointing_game(image_map, box.box)),
+                pointing_random=layout_random_pointing(layout, box.box),
+                energy=image_energy_in_box(image_map, box.box),
             )
             if record.mask is not None:
-                center, coverage = mask_cells(record.mask_region(record.mask, box), wm)
-                top = _top_cell(wm.values)
-                positive = np.clip(wm.values.reshape(-1), 0, None)
-                score.pointing_mask = 0.0 if top is None else float(center[top])
-                score.pointing_mask_random = float(center.mean())
-                score.energy_mask = float((positive * coverage).sum() / positive.sum()) if positive.sum() > 0 else 0.0
+                score.pointing_mask, score.pointing_mask_random, score.energy_mask = region_scores(
+                    image_map, record.mask_region(record.mask, box), layout)
             out.append(score)
     return out
 
@@ -201,6 +185,20 @@ class StoreEvaluation:
         return tuple(k for k in LOCALIZATION if k.split("_")[0] in self.metrics)
 
 
+def check_perturbable(explanation) -> None:
+    """Deletion and insertion (:func:`rgae.metrics.insertion_deletion`) replace patches of the model-seen pixels,
+    which needs one patch grid over one image and the explanation's inputs; ``ValueError`` saying so otherwise
+    (tiled and multi-view models: their localization metrics still work)."""
+    layout = explanation.layout
+    if explanation.patch_grid is None or (layout is not None and not layout.is_single_grid):
+        views = ", ".join(v.name for v in explanation.image_layout.views)
+        raise ValueError(f"deletion/insertion perturb one patch grid; this {explanation.model_name or 'model'} sees "
+                         f"the image as several views ({views}): score it with --metrics pointing,energy")
+    if explanation.pixel_values is None or explanation.input_ids is None:
+        raise ValueError("deletion/insertion re-run the model on the explanation's inputs, and this one has no "
+                         "pixel_values/input_ids")
+
+
 def _perturbation_share(store, ids, model, processor, steps, baseline, batch_size, state, progress, board_dir):
     from rgae.datasets.processes import ProgressBoard
 
@@ -209,7 +207,9 @@ def _perturbation_share(store, ids, model, processor, steps, baseline, batch_siz
                           enabled=progress)
     out = []
     for rid in share:
-        curves = insertion_deletion(model, processor, store[rid], steps=steps, baseline=baseline,
+        explanation = store[rid]
+        check_perturbable(explanation)
+        curves = insertion_deletion(model, processor, explanation, steps=steps, baseline=baseline,
                                     batch_size=batch_size)
         out.append((rid, {k: c.to_dict() for k, c in curves.items()}))
         board.update()

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-from rgae.datasets.store import write_json_atomic
+from rgae.datasets.store import StoreError, write_json_atomic
 
 __all__ = ["ProgressBoard", "StoreLock", "partial_state"]
 
@@ -110,7 +110,7 @@ class StoreLock:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self.release()
-                raise ValueError(f"another run is writing to {self.file.parent} (its processes hold "
+                raise StoreError(f"another run is writing to {self.file.parent} (its processes hold "
                                  f"{self.file.name}); wait for it to end or stop it, then re-run") from None
         fcntl.flock(self.fd, fcntl.LOCK_SH)
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from rgae.datasets.records import Record, normalize_word, record_from_json
 
-__all__ = ["ENTRY_POINT_GROUP", "Reader", "read_dataset", "read_jsonl", "read_rec", "register_reader", "readers"]
+__all__ = ["ENTRY_POINT_GROUP", "Reader", "data_file", "read_dataset", "read_jsonl", "read_rec", "register_reader",
+           "readers"]
 
 ENTRY_POINT_GROUP = "rgae.datasets"
 Reader = Callable[[str, "str | None"], list[Record]]
@@ -159,15 +160,37 @@ def _looks_like_rec(path: Path) -> bool:
     return isinstance(value, dict) and "bbox" in value and "boxes" not in value
 
 
+def _scheme(spec: str) -> tuple[str, str] | None:
+    """``(scheme, args)`` of ``SCHEME:ARGS``; None for a plain path (an existing file wins over a scheme, and
+    "C:\\data.jsonl" is a path, not the scheme "C")."""
+    match = _SCHEME.match(spec)
+    if match and len(match.group(1)) > 1 and not Path(spec).exists():
+        return match.group(1), match.group(2)
+    return None
+
+
+def data_file(spec: str) -> Path | None:
+    """The file a data spec reads (``PATH``, ``jsonl:PATH``, ``rec:PATH``); None for another reader's
+    ``SCHEME:ARGS``.
+
+    Example:
+        >>> data_file("rec:refs.jsonl"), data_file("shapes:1:4")
+        (PosixPath('refs.jsonl'), None)
+    """
+    parts = _scheme(spec)
+    if parts is None:
+        return Path(spec)
+    return Path(parts[1]) if parts[0] in ("jsonl", "rec") else None
+
+
 def read_dataset(spec: str, image_folder: str | None = None) -> list[Record]:
     """The records of a data spec: a ``.jsonl`` path, ``jsonl:PATH``, ``rec:PATH`` or ``SCHEME:ARGS`` of a registered
     reader. ``ValueError`` names what was expected."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--data must be a .jsonl path or SCHEME:ARGS, got {spec!r}")
-    match = _SCHEME.match(spec)
-    # "C:\\data.jsonl" is a path, not the scheme "C".
-    if match and len(match.group(1)) > 1 and not Path(spec).exists():
-        scheme, args = match.groups()
+    parts = _scheme(spec)
+    if parts is not None:
+        scheme, args = parts
         if scheme == "jsonl":
             return read_jsonl(args, image_folder)
         if scheme == "rec":

@@ -250,10 +250,10 @@ def _read_mask(path: Path) -> np.ndarray:
 def load_record(record: Record, image_folder: str | os.PathLike | None = None):
     """``(RGB PIL image, label mask array or None)`` of a record; ``ValueError`` for an unreadable image, a mask of
     another size, or a mask that cannot tell several boxes apart (no ``label``)."""
-    from rgae.methods.base import load_image
+    from rgae.images import load_pil_image
 
     source = _resolve(record.image, image_folder) if isinstance(record.image, str) else record.image
-    image = load_image(str(source) if isinstance(source, Path) else source)
+    image = load_pil_image(source)
     mask = record.mask
     if mask is None:
         return image, None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rgae.datasets.evaluation import StoreEvaluation, WordScore, scores_table, word_map
+from rgae.datasets.evaluation import StoreEvaluation, WordScore, scores_table, word_image_map
 from rgae.datasets.store import write_bytes_atomic
 
 __all__ = ["METRIC_NAMES", "markdown", "write_report"]
@@ -189,10 +189,10 @@ def _gallery_figure(store, ev: StoreEvaluation, k: int):
     fig.suptitle(f"{ev.name}: best and worst words by energy in box", fontsize=9)
     for n, (label, s) in enumerate(picks):
         expl, record = store[s.record], store.record(s.record)
-        wm = word_map(expl, s.word_index)
+        image_map = word_image_map(expl, s.word_index, record.original_hw)
         ax = fig.add_subplot(rows, cols, n + 1)
-        ax.imshow(overlay(wm.image, wm.values, interpolation="nearest"))
-        x0, y0, x1, y1 = wm.to_frame(record.boxes[s.box_index].box, record.original_hw)
+        ax.imshow(overlay(expl.image, image_map, interpolation="nearest"))
+        x0, y0, x1, y1 = record.boxes[s.box_index].box
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.5, ec="white"))
         ax.set_title(f"{label}: {s.record} '{s.word}'\nE={s.energy:.2f} hit={int(s.pointing)}", fontsize=7)
         ax.set_xticks([])

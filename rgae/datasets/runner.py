@@ -115,9 +115,9 @@ def explain_dataset(explainer, records: list[Record], out: str | os.PathLike, ma
     also the store's totals).
 
     ``manifest`` (``model``, ``model_fingerprint``, ``method``, ``options``, ``data``, ...) is written to a new store
-    and checked against an existing one (``ValueError`` on a difference). Finished records are skipped (failed ones
-    too, unless ``retry_failed``). A record that raises is recorded as a failure with its error; ``fail_fast``
-    raises :class:`RecordError` instead (after writing what is done).
+    and checked against an existing one (:class:`~rgae.datasets.store.StoreError` on a difference). Finished records
+    are skipped (failed ones too, unless ``retry_failed``). A record that raises is recorded as a failure with its
+    error; ``fail_fast`` raises :class:`RecordError` instead (after writing what is done).
     """
     if batch_records < 1:
         raise ValueError(f"batch_records must be >= 1, got {batch_records}")

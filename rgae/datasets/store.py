@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +32,11 @@ import numpy as np
 import torch
 
 from rgae.datasets.records import Record, record_from_json, record_to_json
-from rgae.explanation import _TENSOR_FIELDS, Explanation
+from rgae.explanation import Explanation
+from rgae.io import atomic_write
 
-__all__ = ["MANIFEST", "ExplanationStore", "ShardWriter", "check_manifest", "clean_shards", "finished_ids",
-           "write_bytes_atomic", "write_json_atomic", "write_manifest"]
+__all__ = ["MANIFEST", "ExplanationStore", "ShardWriter", "StoreError", "check_manifest", "clean_shards",
+           "finished_ids", "write_bytes_atomic", "write_json_atomic", "write_manifest"]
 
 MANIFEST = "store.json"
 SHARDS = "shards"
@@ -47,23 +46,20 @@ VERSION = 1
 COMPARED_KEYS = ("method", "options", "data", "model_fingerprint")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: a reader (or a process
-    killed mid-write) never leaves a half-written ``path``. The file gets the umask's normal permissions."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+class StoreError(ValueError):
+    """A folder that is not a usable store for this run: not a store, damaged, made with other settings, or being
+    written by another run. The command lines report it as a one-line usage error."""
 
 
-def write_json_atomic(path: Path, value) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` with :func:`rgae.io.atomic_write` (a temporary file in the same folder, then a
+    rename: a reader, or a process killed mid-write, never sees a half-written ``path``; the umask's normal mode)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json_atomic(path: Path, value) -> Path:
     """``value`` as JSON through :func:`write_bytes_atomic`."""
-    write_bytes_atomic(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return write_bytes_atomic(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------------- manifest
@@ -74,32 +70,32 @@ def _read_manifest(path: Path) -> dict | None:
     if not file.is_file():
         # Hidden files (a run's lock, temporary files) do not make a folder a store or a non-store.
         if path.is_dir() and any(not f.name.startswith(".") for f in path.iterdir()):
-            raise ValueError(f"{path} exists and is not an explanation store (no {MANIFEST}); choose another --out")
+            raise StoreError(f"{path} exists and is not an explanation store (no {MANIFEST}); choose another --out")
         return None
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc})") from None
+        raise StoreError(f"{file} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{file} is not an rgae explanation store manifest")
+        raise StoreError(f"{file} is not an rgae explanation store manifest")
     return manifest
 
 
 def check_manifest(path: str | os.PathLike, manifest: dict) -> dict | None:
     """The existing manifest of the store at ``path`` (None when there is no store yet), after checking that every
-    compared setting in ``manifest`` matches it; ``ValueError`` naming the first difference otherwise."""
+    compared setting in ``manifest`` matches it; :class:`StoreError` naming the first difference otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a store folder")
+        raise StoreError(f"--out {path} is a file, not a store folder")
     existing = _read_manifest(path)
     if existing is None:
         return None
     for key in COMPARED_KEYS:
         if key in manifest and key in existing and existing[key] != manifest[key]:
             if key == "model_fingerprint":
-                raise ValueError(f"{path} was made with another model ({existing.get('model')!r}; the weights "
+                raise StoreError(f"{path} was made with another model ({existing.get('model')!r}; the weights "
                                  f"differ): re-run with that model to resume it, or write to a new --out")
-            raise ValueError(
+            raise StoreError(
                 f"{path} was made with {key} = {json.dumps(existing[key], sort_keys=True)}, this run has "
                 f"{json.dumps(manifest[key], sort_keys=True)}: re-run with the store's settings to resume it, or "
                 f"write to a new --out"
@@ -126,25 +122,6 @@ def _digest(t: torch.Tensor) -> str:
     h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
-
-
-def _explanation_parts(expl: Explanation) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Explanation → (JSON metadata, tensors), the split :meth:`Explanation.save` makes."""
-    tensors = {name: getattr(expl, name).detach().cpu().contiguous() for name in _TENSOR_FIELDS
-               if getattr(expl, name) is not None}
-    if expl.image is not None:
-        tensors["image"] = torch.from_numpy(np.ascontiguousarray(expl.image))
-    meta = {f.name: getattr(expl, f.name) for f in fields(expl) if f.name not in _TENSOR_FIELDS and f.name != "image"}
-    return meta, tensors
-
-
-def _explanation_from_parts(meta: dict, tensors: dict[str, torch.Tensor]) -> Explanation:
-    meta = dict(meta)
-    for key in ("patch_grid", "query_grid", "content_box"):
-        if meta.get(key) is not None:
-            meta[key] = tuple(meta[key])
-    image = tensors.pop("image", None)
-    return Explanation(**meta, **tensors, image=None if image is None else image.numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -184,7 +161,7 @@ class ShardWriter:
     def add(self, index: int, record: Record, explanation: Explanation, seconds: float, mask=None) -> None:
         """A finished record (``index``: its position in the dataset, which orders the store) with its label mask
         (default: ``record.mask`` when it is an array)."""
-        meta, tensors = _explanation_parts(explanation)
+        meta, tensors = explanation.to_parts()
         entry: dict[str, Any] = {"index": int(index), "record": record_to_json(record), "explanation": meta,
                                  "tensors": {name: self._keep(t) for name, t in tensors.items()},
                                  "seconds": round(float(seconds), 6)}
@@ -223,7 +200,7 @@ def _shard_indexes(path: Path) -> list[tuple[Path, dict]]:
         try:
             out.append((file, json.loads(file.read_text(encoding="utf-8"))))
         except json.JSONDecodeError as exc:  # written atomically, so this is damage from outside
-            raise ValueError(f"{file} is not valid JSON ({exc}); delete it to redo its records") from None
+            raise StoreError(f"{file} is not valid JSON ({exc}); delete it to redo its records") from None
     return out
 
 
@@ -266,7 +243,7 @@ class ExplanationStore:
         self.path = Path(path)
         manifest = _read_manifest(self.path) if self.path.is_dir() else None
         if manifest is None:
-            raise ValueError(f"{self.path} is not an explanation store (no {MANIFEST}; write one with "
+            raise StoreError(f"{self.path} is not an explanation store (no {MANIFEST}; write one with "
                              f"`rgae explain-dataset`)")
         self.manifest = manifest
         entries: dict[str, tuple[Path | None, dict, Path]] = {}
@@ -275,7 +252,7 @@ class ExplanationStore:
             tensor_file = None if index.get("tensors") is None else file.parent / index["tensors"]
             for rid, entry in index["records"].items():
                 if rid in entries:
-                    raise ValueError(f"{self.path}: record {rid!r} is in two shards ({entries[rid][2].name} and "
+                    raise StoreError(f"{self.path}: record {rid!r} is in two shards ({entries[rid][2].name} and "
                                      f"{file.name}); was the store written by two runs at once?")
                 entries[rid] = (tensor_file, entry, file)
             for rid, entry in index["failures"].items():
@@ -314,7 +291,7 @@ class ExplanationStore:
 
     def __getitem__(self, rid: str) -> Explanation:
         tensor_file, entry = self._entry(rid)
-        return _explanation_from_parts(entry["explanation"], self._tensors(tensor_file, entry["tensors"]))
+        return Explanation.from_parts(entry["explanation"], self._tensors(tensor_file, entry["tensors"]))
 
     def record(self, rid: str) -> Record:
         """The record's annotations as stored (its mask as an array)."""
