@@ -68,7 +68,8 @@ __all__ = [
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy().astype(np.float64)
+        # Straight to float64: image maps are rendered in float64, and a float32 detour would merge near-ties.
+        return x.detach().cpu().to(torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
 
 

@@ -23,7 +23,7 @@ from rgae.datasets.readers import register_reader
 from rgae.datasets.records import Box, Record
 from rgae.metrics import image_energy_in_box, image_pointing_game, layout_random_pointing
 
-DOCTEST_MODULES = ["rgae.datasets.records", "rgae.datasets.readers", "rgae.datasets.stats",
+DOCTEST_MODULES = ["rgae.datasets.records", "rgae.datasets.readers", "rgae.datasets.stats", "rgae.datasets.site",
                    "rgae.datasets.evaluation", "deco_models.data.shapes_dataset"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -273,6 +274,140 @@ def test_evaluate_usage_errors(tiny_model, tmp_path, capsys):
     assert main(["evaluate", s, "--out", str(tmp_path / "r"), "--metrics", "pointing", "--no-progress"]) == 0
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())["summaries"]["s"]["metrics"]
     assert sorted(m) == ["pointing", "pointing_mask", "pointing_mask_random", "pointing_random"]
+
+
+# ---------------------------------------------------------------------------------------------------- tiled models
+
+
+def test_a_tiled_llava_next_store_is_scored_on_the_original_image(tmp_path, capsys):
+    # LLaVA-NeXT sees a 40x88 image as a base view + 3 padded tiles: the store keeps each explanation's layout and
+    # evaluate scores the words on the original image's pixels, exactly as rgae.metrics' word_* functions do.
+    from PIL import Image
+
+    from rgae import RGAE
+    from rgae.datasets import explain_dataset, read_dataset
+    from rgae.metrics import word_energy_in_box, word_pointing_game, word_random_baseline
+    from tests.families.layout_probes import noise_image
+    from tests.families.tiny_llava_next import tiny_llava_next, tiny_llava_next_processor
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for k in range(2):
+        Image.fromarray(noise_image((40, 88), seed=k)).save(folder / f"{k}.png")
+        lines.append({"id": f"n{k}", "image": f"{k}.png", "text": "a red circle", "prompt": "what",
+                      "boxes": [{"words": "red", "box": [50, 0, 88, 40]}, {"words": "circle", "box": [0, 8, 30, 40]}]})
+    (folder / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    explainer = RGAE(tiny_llava_next(), tiny_llava_next_processor())
+    records = read_dataset(str(folder / "d.jsonl"), str(folder))
+    out = tmp_path / "store"
+    summary = explain_dataset(explainer, records, out, manifest={"model": "tiny-llava-next", "method": "rgae",
+                                                                  "options": {}}, image_folder=str(folder),
+                              progress=False)
+    assert (summary["explained"], summary["failed"]) == (2, 0)
+    store = ExplanationStore(out)
+    direct = explainer.attribute(str(folder / "1.png"), target="a red circle", prompt="what")
+    assert [v.name for v in store["n1"].layout.views] == ["base", "tile 0,0", "tile 0,1", "tile 0,2"]
+    assert torch.equal(store["n1"].image_map(word="red"), direct.image_map(word="red"))
+    report = tmp_path / "report"
+    assert main(["evaluate", str(out), "--metrics", "pointing,energy", "--out", str(report), "--bootstrap", "50"]) == 0
+    capsys.readouterr()
+    m = json.loads((report / "metrics.json").read_text())
+    got = {(sc["record"], sc["word"]): sc for sc in m["scores"]["store"]}
+    assert len(got) == 4
+    for r in records:
+        expl = store[r.id]
+        for box in r.boxes:
+            (word,) = box.words
+            sc = got[(r.id, word)]
+            assert sc["pointing"] == float(word_pointing_game(expl, word, box.box, original_hw=(40, 88)))
+            assert sc["energy"] == pytest.approx(word_energy_in_box(expl, word, box.box), abs=1e-12)
+            assert sc["pointing_random"] == pytest.approx(word_random_baseline(expl, box.box), abs=1e-12)
+    assert "gallery-store.png" in m["figures"]
+    # Deletion/insertion perturb one patch grid: refused in one line before any model is loaded.
+    assert main(["evaluate", str(out), "--metrics", "deletion", "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "several views (base, tile 0,0, tile 0,1, tile 0,2)" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------------- explore
+
+
+def _index_rows(index: Path) -> list[tuple[str, str, list[str]]]:
+    """``(href, record id, metric cells)`` of each row of an explorer index, in order."""
+    rows = []
+    for row in re.findall(r"<tr><td>(.*?)</tr>", index.read_text(), flags=re.S):
+        href, rid = re.match(r'<a href="([^"]+)">([^<]*)</a>', row).groups()
+        rows.append((href, rid, re.findall(r"<td>([^<]*)</td>", row)))
+    return rows
+
+
+def _header(index: Path) -> list[str]:
+    return re.findall(r"<th>([^<]*)</th>", index.read_text())
+
+
+def test_explore_writes_a_page_per_record_sorted_by_a_metric(tiny_model, tmp_path, capsys):
+    from tests.test_explore import page_data
+
+    store_dir, report, site = tmp_path / "s", tmp_path / "report", tmp_path / "site"
+    assert explain(tiny_model, "shapes:12345:6", store_dir) == 0
+    store = ExplanationStore(store_dir)
+    assert main(["explore", str(store_dir), "--out", str(site)]) == 0
+    assert "6 pages of 6 records, sorted by pointing" in capsys.readouterr().out
+    # Without a report: each record's mean pointing game over its scored words, from the store's boxes.
+    assert main(["evaluate", str(store_dir), "--metrics", "pointing,energy", "--out", str(report),
+                 "--bootstrap", "50", "--gallery", "0"]) == 0
+    capsys.readouterr()
+    scores = json.loads((report / "metrics.json").read_text())["scores"]["s"]
+    by_record: dict[str, list[dict]] = {}
+    for sc in scores:
+        by_record.setdefault(sc["record"], []).append(sc)
+    mean = {rid: {m: float(np.mean([sc[m] for sc in rows])) for m in ("pointing", "energy")}
+            for rid, rows in by_record.items()}
+    rows = _index_rows(site / "index.html")
+    column = _header(site / "index.html").index("pointing") - 1  # the first header is the record's
+    scored = [rid for _, rid, _ in rows if rid in mean]
+    assert sorted(rid for _, rid, _ in rows) == store.ids() and len(list((site / "pages").glob("*.html"))) == 6
+    assert [mean[r]["pointing"] for r in scored] == sorted(mean[r]["pointing"] for r in scored)
+    assert [rid for _, rid, _ in rows][len(scored):] == [r for r in store.ids() if r not in mean]  # unscored last
+    for href, rid, cells in rows:
+        page = (site / href).read_text()
+        assert '<a href="../index.html">' in page
+        (data,) = page_data(page)
+        assert data["nWords"] == len(store[rid].words) and data["panels"][0]["t2i"]["png"]
+        if rid in mean:
+            assert float(cells[column]) == pytest.approx(mean[rid]["pointing"], abs=5e-4)
+    # With the report: its metrics, another order, the first N only.
+    site2 = tmp_path / "site2"
+    assert main(["explore", str(store_dir), "--report", str(report), "--sort-by", "energy", "--descending",
+                 "--limit", "3", "--out", str(site2)]) == 0
+    rows = _index_rows(site2 / "index.html")
+    expected = sorted(mean, key=lambda r: -mean[r]["energy"])[:3]
+    assert [rid for _, rid, _ in rows] == expected and len(list((site2 / "pages").glob("*.html"))) == 3
+    assert "sorted by energy (descending)" in (site2 / "index.html").read_text()
+
+
+def test_explore_usage_errors(tiny_model, tmp_path, capsys):
+    store_dir = tmp_path / "s"
+    assert explain(tiny_model, "shapes:3:1", store_dir) == 0
+    capsys.readouterr()
+    other = tmp_path / "o"
+    assert explain(tiny_model, "shapes:4:1", other) == 0
+    assert main(["evaluate", str(other), "--metrics", "pointing", "--out", str(tmp_path / "r"), "--gallery", "0",
+                 "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    for argv, message in (
+        ([str(tmp_path / "nothing")], "STORE " + str(tmp_path / "nothing") + ": no such folder"),
+        ([str(tmp_path)], "is not an explanation store"),
+        ([str(store_dir), "--report", str(tmp_path / "none")], "no such report"),
+        ([str(store_dir), "--report", str(tmp_path / "r")], "evaluates " + str(other)),
+        ([str(store_dir), "--sort-by", "accuracy"], "--sort-by 'accuracy' is not a metric of the records"),
+        ([str(store_dir), "--limit", "0"], "--limit must be >= 1"),
+    ):
+        assert main(["explore", *argv, "--out", str(tmp_path / "site")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rgae explore: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "site").exists()
 
 
 # ------------------------------------------------------------------------------------------- processes and kills

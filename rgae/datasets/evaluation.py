@@ -230,7 +230,7 @@ def evaluate_store(store, metrics=METRICS, model=None, processor=None, name: str
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; expected any of {', '.join(METRICS)}")
     ids = store.ids()
-    ev = StoreEvaluation(name=name or store.path.name, path=str(store.path), manifest=store.manifest,
+    ev = StoreEvaluation(name=name or store.path.name, path=str(store.path.resolve()), manifest=store.manifest,
                          record_ids=ids, failures=dict(store.failures), metrics=tuple(metrics))
     if {"deletion", "insertion"} & set(metrics):
         if model is None or processor is None:
