@@ -18,7 +18,8 @@ of the module's own modeling file) for the output, unchanged, and for each watch
   require grad.
 
 Several calls of one module in a forward (a vision tower that attends per image) form one block-diagonal layer, in
-call order, which is how the modules concatenate their outputs. Anything the recompute cannot reproduce exactly
+call order, which is how the modules concatenate their outputs; so does a batched call (a vision tower encoding an
+image's tiles as a batch): example b's tokens follow example b − 1's. Anything the recompute cannot reproduce exactly
 (attention sinks, position biases, active dropout, flex attention's block masks) is an :class:`AttentionCaptureError`
 naming the module; so is a watched module that never called the interface (it computes attention itself).
 
@@ -33,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -243,6 +245,22 @@ def _call_blocks(original: str, module: nn.Module, query, key, value, mask, kwar
     ]
 
 
+def _batch_blocks(original: str, module: nn.Module, query, key, value, mask, kwargs: dict) -> list[AttentionBlock]:
+    """The blocks of one call over a batch: example b's tokens follow example a's (a vision tower that encodes an
+    image's views as a batch is one block-diagonal layer over all views, in batch order)."""
+    batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
+    if batch == 1:
+        return _call_blocks(original, module, query, key, value, mask, kwargs)
+    blocks = []
+    for b in range(batch):
+        mask_b = mask if mask is None or mask.shape[0] == 1 else mask[b : b + 1]
+        for block in _call_blocks(original, module, query[b : b + 1], key[b : b + 1], value[b : b + 1], mask_b,
+                                  kwargs):
+            blocks.append(dataclasses.replace(block, q_offset=block.q_offset + b * n_q,
+                                              k_offset=block.k_offset + b * n_k))
+    return blocks
+
+
 # ---- a captured layer ---------------------------------------------------------------------------------------------
 @dataclass
 class CapturedLayer:
@@ -252,8 +270,9 @@ class CapturedLayer:
         name: label used in messages (``"LLM layer 3"``).
         module: the attention module.
         blocks: the layer's :class:`~rgae.recompute.AttentionBlock` list (block-diagonal over calls / segments).
-        outputs: the kernel outputs ``[1, n_q_call, H, d_v]``, one per call, in call order (differentiate w.r.t.
-            these; :meth:`block_grads` turns their gradients into per-block ``[T, H, n_q, d_v]``).
+        outputs: the kernel outputs ``[B, n_q_call, H, d_v]``, one per call, in call order (differentiate w.r.t.
+            these; :meth:`block_grads` turns their gradients into per-block ``[T, H, n_q, d_v]``; a batch of B is
+            B consecutive blocks).
         n_q, n_k: the layer's query and key counts.
     """
 
@@ -266,8 +285,8 @@ class CapturedLayer:
     _call_blocks: list[list[int]] = field(default_factory=list, repr=False)  # block indices of each call
 
     def block_grads(self, grads: Sequence[torch.Tensor | None], batched: bool = False):
-        """Per-block ``[T, H, n_q_block, d_v]`` from the gradients w.r.t. :attr:`outputs` (``[1, n, H, d]`` each,
-        or ``[T, 1, n, H, d]`` with ``batched``); None when the target does not depend on this layer."""
+        """Per-block ``[T, H, n_q_block, d_v]`` from the gradients w.r.t. :attr:`outputs` (``[B, n, H, d]`` each,
+        or ``[T, B, n, H, d]`` with ``batched``); None when the target does not depend on this layer."""
         if len(grads) != len(self.outputs):
             raise ValueError(f"{self.name}: expected {len(self.outputs)} gradients (one per call), got {len(grads)}")
         if all(g is None for g in grads):
@@ -283,7 +302,7 @@ class CapturedLayer:
                     f"the gradient of the target w.r.t. the attention output of {self.name} contains NaN/inf; the "
                     "model overflows in this dtype (try float32/float64) or has non-finite weights"
                 )
-            per_head = g[:, 0].transpose(1, 2)  # [T, H, n, d_v]
+            per_head = g.flatten(1, 2).transpose(1, 2)  # [T, B, n, H, d_v] -> [T, H, B·n, d_v]
             call_start = self.blocks[indices[0]].q_offset  # a call's first block starts at its first token
             for i in indices:
                 local = self.blocks[i].q_offset - call_start
@@ -372,8 +391,9 @@ class InterfaceCapture:
     # ---- one call -------------------------------------------------------------------------------------------------
     def _call(self, kernel, original: str, module, query, key, value, attention_mask, kwargs: dict):
         where = type(module).__name__
-        if query.shape[0] != 1 or key.shape[0] != 1:
-            raise ValueError(f"{where}: explain one example at a time (attention batch {query.shape[0]}, expected 1)")
+        batch = query.shape[0]
+        if key.shape[0] != batch or value.shape[0] != batch:
+            raise AttentionCaptureError(f"{where}: query batch {batch}, key batch {key.shape[0]}")
         if float(kwargs.get("dropout") or 0.0) > 0.0:
             raise AttentionCaptureError(
                 f"{where} runs attention dropout (training mode): the probabilities would be random; explain in eval "
@@ -389,11 +409,11 @@ class InterfaceCapture:
             out, weights = kernel(module, query, key, value, attention_mask, **kwargs)
         if self.graph and torch.is_grad_enabled() and not out.requires_grad:
             out = out.detach().requires_grad_(True)  # the same numbers; d y / d O exists without grad parameters
-        blocks = _call_blocks(original, module, query, key, value, attention_mask, kwargs)
+        blocks = _batch_blocks(original, module, query, key, value, attention_mask, kwargs)
         n_q, heads, d_v = query.shape[2], query.shape[1], value.shape[-1]
-        if tuple(out.shape) != (1, n_q, heads, d_v):
+        if tuple(out.shape) != (batch, n_q, heads, d_v):
             raise AttentionCaptureError(
-                f"{where}: the {original} kernel returned {tuple(out.shape)}; expected [1, {n_q}, {heads}, {d_v}]"
+                f"{where}: the {original} kernel returned {tuple(out.shape)}; expected [{batch}, {n_q}, {heads}, {d_v}]"
             )
         self._calls.setdefault(module, []).append(_Call(blocks, out))
         return out, weights

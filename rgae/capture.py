@@ -125,8 +125,9 @@ class AttentionRecorder:
         names: one label per module, used in error messages (default ``"layer {i}"``).
         require_graph: the probabilities must carry a graph (raise otherwise); set False for forward-only baselines.
 
-    After a forward, :attr:`attentions` holds one ``[1, heads, n_q, n_k]`` tensor per call, in call order, and
-    :attr:`calls` the index (into ``modules``) of the module of each call.
+    After a forward, :attr:`attentions` holds one ``[batch, heads, n_q, n_k]`` tensor per call, in call order, and
+    :attr:`calls` the index (into ``modules``) of the module of each call; :meth:`cams` reads a batch (a vision
+    tower's views) as one block-diagonal layer.
     """
 
     def __init__(self, modules: Sequence[nn.Module], names: Sequence[str] | None = None, require_graph: bool = True):
@@ -147,9 +148,9 @@ class AttentionRecorder:
                     f"{self.names[index]} ({type(module).__name__}) returned no attention probabilities (out[1] is "
                     "None); the model must run eager attention (rgae.capture.eager_attention)"
                 )
-            if probs.ndim != 4 or probs.shape[0] != 1:
+            if probs.ndim != 4:
                 raise ValueError(
-                    f"{self.names[index]}: expected attention probabilities [1, heads, n_q, n_k] (batch size 1), "
+                    f"{self.names[index]}: expected attention probabilities [batch, heads, n_q, n_k], "
                     f"got {tuple(probs.shape)}"
                 )
             if self.require_graph and torch.is_grad_enabled() and not probs.requires_grad:
@@ -196,17 +197,20 @@ class AttentionRecorder:
         return list(torch.autograd.grad(scalar, inputs, retain_graph=True, allow_unused=True))
 
     def cams(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Per-layer ``mean_h (G ⊙ A)+`` as ``[n_q, n_k]``; None for layers the target does not depend on."""
+        """Per-layer ``mean_h (G ⊙ A)+`` as ``[n_q, n_k]`` (``[B·n_q, B·n_k]`` block-diagonal for a batch of B);
+        None for layers the target does not depend on."""
         out = []
         for i, (attn, grad) in enumerate(zip(self.attentions, grads)):
             if grad is None:
                 out.append(None)
                 continue
-            a, g = attn[0].detach(), grad[0]
+            a, g = attn.detach(), grad
             if a.dtype in (torch.float16, torch.bfloat16):  # half-precision models: relevance math in float32
                 a, g = a.float(), g.float()
             try:  # the engine checks finiteness; only the message needs the layer's name
-                out.append(gradient_weighted_attention(a, g))
+                # A batch (a vision tower's views) is one block-diagonal layer, example after example.
+                cams = [gradient_weighted_attention(a[b], g[b]) for b in range(a.shape[0])]
+                out.append(cams[0] if len(cams) == 1 else torch.block_diag(*cams))
             except ValueError as exc:
                 if "NaN or inf" not in str(exc):
                     raise

@@ -116,3 +116,74 @@ def changed_rows(before: torch.Tensor, after: torch.Tensor, rtol: float = 1e-9) 
     diff = (after.double() - before.double()).abs().flatten(1).amax(1)
     scale = max(float(before.double().abs().max()), 1e-300)
     return torch.nonzero(diff > rtol * scale).flatten().tolist()
+
+
+def vision_attention_modules(vision_tower) -> list:
+    """The innermost modules of ``vision_tower`` whose class name ends in ``Attention``, in definition order."""
+    found = [m for m in vision_tower.modules() if type(m).__name__.endswith("Attention")]
+    return [m for m in found if not any(type(c).__name__.endswith("Attention") for c in m.modules() if c is not m)]
+
+
+def full_matrix_vision_query_to_patch(model, vision_tower, inputs, patch_tokens: torch.Tensor) -> torch.Tensor:
+    """``[T, M, N]`` float64 Query-to-Patch through the vision tower by the definition, as slowly as it reads.
+
+    One eager forward with hooks keeping every vision attention's probabilities ``[B, H, n, n]`` (a batch is the
+    image's views); per target token t the gradient of its raw logit w.r.t. them, ``cam = mean_h (G ⊙ A)+`` per
+    example, ``R_b = (I + cam_L) ⋯ (I + cam_1)`` per example, placed block-diagonally (example after example),
+    ``R̄ = (R - I) / rowsum(R - I) + I`` (a zero row divided by 1), and ``layout Q2P · R̄[patch_tokens][:,
+    patch_tokens]``. ``patch_tokens`` (each layout patch's tower token) is checked separately, by
+    :func:`patches_of_vision_token`."""
+    modules = vision_attention_modules(vision_tower)
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out[1])) for m in modules]
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    try:
+        with _attention_to_eager(model), torch.enable_grad():
+            out = model(**inputs.model_kwargs(), use_cache=False)
+            if not seen or any(a is None for a in seen):
+                raise AssertionError("the vision tower returned no attention probabilities in eager mode")
+            q2p = inputs.layout.query_to_patch.double()
+            tok = patch_tokens.cpu()
+            maps = []
+            for pos, target in zip(inputs.predicting_positions.tolist(), inputs.target_ids.tolist()):
+                grads = torch.autograd.grad(out.logits[0, pos, target], seen, retain_graph=True, allow_unused=True)
+                batch, n = seen[0].shape[0], seen[0].shape[-1]
+                blocks = []
+                for b in range(batch):
+                    R = torch.eye(n, dtype=torch.float64)
+                    for a, g in zip(seen, grads):
+                        if g is not None:
+                            R = R + (g[b].double() * a[b].detach().double()).clamp(min=0).mean(0) @ R
+                    blocks.append(R)
+                R = torch.block_diag(*blocks)
+                eye = torch.eye(R.shape[0], dtype=torch.float64)
+                sums = (R - eye).sum(1, keepdim=True)
+                R_bar = (R - eye) / torch.where(sums == 0, torch.ones_like(sums), sums) + eye
+                maps.append(q2p @ R_bar[tok][:, tok])
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(maps)
+
+
+def patches_of_vision_token(model, last_attention, inputs, example: int, token: int,
+                            language_model=None) -> list[int]:
+    """The LLM image tokens (indices into the layout's positions) that change when the output of the vision
+    tower's last used attention module is perturbed at ``(example, token)``: after it only token-wise layers and the
+    connector act, so these are the tokens whose Query-to-Patch row reads that tower token's patch."""
+    before = llm_image_embeddings(model, inputs, language_model)
+
+    def bump(module, args, out):
+        hidden = out[0].clone()
+        # Not a constant: a LayerNorm after the residual would remove a shift shared by every channel.
+        hidden[example, token] += torch.linspace(-1.0, 2.0, hidden.shape[-1], dtype=hidden.dtype)
+        return (hidden, *out[1:])
+
+    handle = last_attention.register_forward_hook(bump)
+    try:
+        after = llm_image_embeddings(model, inputs, language_model)
+    finally:
+        handle.remove()
+    return changed_rows(before, after)

@@ -10,7 +10,7 @@ import torch
 from test_reference import _check, _image_processor, random_image, relative_error, tiny_deco, tiny_llava, tiny_tokenizer
 
 from rgae.adapters import get_adapter
-from rgae.attention_capture import CAPTURE_PREFIX, InterfaceCapture, _call_blocks
+from rgae.attention_capture import CAPTURE_PREFIX, InterfaceCapture, _batch_blocks, _call_blocks
 from rgae.capture import AttentionCaptureError, AttentionRecorder, eager_attention, explain_mode
 from rgae.methods import RGAE, AttentionRollout, RawAttention
 from rgae.recompute import layer_cam, layer_probabilities
@@ -237,6 +237,36 @@ def test_per_image_vision_calls_form_one_block_diagonal_layer():
         assert torch.equal(cam[:16, 16:], torch.zeros(16, 8))  # images never attend to each other
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_a_batched_call_is_one_block_diagonal_layer(kernel):
+    """A vision tower encodes an image's views as a batch: example b's tokens follow example b − 1's, nothing crosses
+    between examples, and each example's mask stays its own."""
+    from transformers import CLIPVisionConfig
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    cfg = CLIPVisionConfig(hidden_size=16, num_attention_heads=2)
+    cfg._attn_implementation = kernel
+    attn = CLIPAttention(cfg).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(3, 1, 5, 5, dtype=torch.float64)
+    mask[1, :, :, 3:] = torch.finfo(torch.float64).min  # example 1 sees only its first three keys
+    blocks = _batch_blocks(kernel, attn, q, k, v, mask, {"scaling": 0.5})
+    assert [(b.q_offset, b.k_offset) for b in blocks] == [(0, 0), (5, 5), (10, 10)]
+    probs = layer_probabilities(blocks, 15, 15)
+    per_example = [torch.softmax(q[b] @ k[b].transpose(-1, -2) * 0.5 + mask[b], -1) for b in range(3)]
+    expected = torch.stack([torch.block_diag(*[p[h] for p in per_example]) for h in range(2)])
+    assert relative_error(probs, expected) <= REL_TOL and float(probs[:, 5:10, 8:10].abs().max()) == 0.0
+    with InterfaceCapture(attn, {"vision": [attn]}) as cap:
+        fn = ALL_ATTENTION_FUNCTIONS[CAPTURE_PREFIX + kernel]
+        out, _ = fn(attn, q, k, v, mask, scaling=0.5, dropout=0.0)
+        layer = cap.layers("vision")[0]
+    assert (layer.n_q, layer.n_k) == (15, 15) and out.shape == (3, 5, 2, 8)
+    grads = layer.block_grads([torch.ones_like(out)])
+    assert [tuple(g.shape) for g in grads] == [(1, 2, 5, 8)] * 3
+
+
 # ---- flash attention's masking rules (the kernel itself needs a GPU) -----------------------------------------------
 def _module():
     from transformers import LlamaConfig
@@ -338,8 +368,6 @@ def test_unsupported_kernels_and_kernel_arguments_are_named():
         fn = ALL_ATTENTION_FUNCTIONS[CAPTURE_PREFIX + "sdpa"]
         with pytest.raises(AttentionCaptureError, match="LlamaAttention.*attention sinks"):
             fn(attn, q, kv, kv, None, scaling=0.25, s_aux=torch.zeros(2))
-        with pytest.raises(ValueError, match="one example at a time"):
-            fn(attn, q.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), None)
     with pytest.raises(AttentionCaptureError, match="another rgae capture"):
         with InterfaceCapture(model, {}), InterfaceCapture(model, {}):
             pass

@@ -241,6 +241,22 @@ class ModelAdapter:
             self.query_grid if self.query_grid is not None else None,
         )
 
+    def patch_tokens(self, layout: ImageLayout) -> torch.Tensor:
+        """``[N]`` long: for each patch of ``layout`` (view by view, row-major), the index of its token in the vision
+        tower's attention sequence as the capture lays it out (``through_vision``): a tower that encodes the views as
+        a batch ``[V, vision_prefix + rows·cols]`` is one block-diagonal sequence, view after view, each starting
+        with its ``vision_prefix`` non-patch tokens. Families whose tower orders patches otherwise (packed sequences,
+        merge-block order) override this."""
+        grids = {view.grid for view in layout.views}
+        if len(grids) != 1:
+            raise ValueError(
+                f"{type(self.model).__name__}: views of different grids {sorted(grids)}; the default vision token "
+                "order assumes one batch of equal views (override ModelAdapter.patch_tokens)"
+            )
+        (rows, cols), prefix = layout.views[0].grid, self.vision_prefix
+        per_view = torch.arange(rows * cols) + prefix
+        return torch.cat([per_view + v * (prefix + rows * cols) for v in range(len(layout.views))])
+
     def describe(self) -> dict:
         return {
             "projector_kind": self.projector_kind,

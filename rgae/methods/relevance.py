@@ -158,7 +158,7 @@ class EagerRelevance:
             r_vit = None
             if self.through_vision:
                 vis_cams = [c for c in cams[n_llm + n_proj :] if c is not None]
-                n_tok = vis[0].shape[-1]
+                n_tok = vis[0].shape[0] * vis[0].shape[-1]  # a batch of views: block-diagonal
                 r_vit = propagate(vis_cams) if vis_cams else torch.eye(n_tok, dtype=compute_dtype(vis[0].dtype),
                                                                        device=vis[0].device)
             out.append((llm_row, proj_cams, r_vit))

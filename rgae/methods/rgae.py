@@ -265,13 +265,18 @@ class RGAE(Explainer):
         ad = self.adapter
         kind = ad.projector_kind
         views, rule = len(inputs.layout.views), inputs.layout.rule
-        if through_vision and (views > 1 or rule in ("block", "bilinear") or ad.sees_image_through_cross_attention):
-            # _compose_vit composes the ViT's relevance with one view's identity/pooling map (or the Q-Former's).
+        # Structural rules over patches only compose with the tower's relevance through the layout (any views);
+        # a kept CLS feature or a target-dependent rule composes over the projector's input, one view.
+        through_layout = through_vision and rule in STRUCTURAL_RULES and not ad.feature_prefix
+        if through_vision and (ad.sees_image_through_cross_attention or (views > 1 and not through_layout)):
             raise ValueError(
                 f"through_vision=True is not supported yet for {type(self.model).__name__}: its image layout has "
-                f"{views} view(s) and the {rule!r} Query-to-Patch rule; propagating the vision tower is implemented "
-                "for models that see one patch grid as image tokens; use through_vision=False"
+                f"{views} view(s) and the {rule!r} Query-to-Patch rule"
+                + (", and its LLM reads the image through cross-attention" if ad.sees_image_through_cross_attention
+                   else f" with {ad.feature_prefix} non-patch feature(s) entering the connector")
+                + "; use through_vision=False"
             )
+        patch_tokens = ad.patch_tokens(inputs.layout) if through_layout else None
         cross_llm = ad.sees_image_through_cross_attention
         source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
         needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
@@ -321,7 +326,10 @@ class RGAE(Explainer):
                             non_patch.append(self._non_patch_share(t2q, r_qk))
                     elif static_q2p is not None:
                         q2p = static_q2p
-                        if r_vit is not None:
+                        if patch_tokens is not None:  # Q2P · R̄_vit over the patches, every view
+                            tok = patch_tokens.to(device)
+                            q2p = static_q2p @ normalize_residual(r_vit)[tok][:, tok].to(dtype)
+                        elif r_vit is not None:
                             q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
                     elif grads[-1] is None:  # the target does not depend on the image at all
                         q2p = torch.zeros(layout.n_tokens, layout.n_patches, dtype=dtype, device=device)

@@ -78,12 +78,6 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
     assert explainer.attribute(image, max_new_tokens=3).image_map().shape == (24, 40)
 
 
-def test_through_vision_is_refused_for_several_views(tiny):
-    _, _, explainer = tiny
-    with pytest.raises(ValueError, match="not supported yet for AyaVisionForConditionalGeneration"):
-        explainer.attribute(tiny_image(24, 40), target="a", through_vision=True)
-
-
 def test_planted_region_lights_up():
     model, processor = tiny_aya_vision(text_layers=1,
                                        processor_kwargs={"image_mean": [0, 0, 0], "image_std": [1, 1, 1]})

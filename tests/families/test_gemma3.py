@@ -97,8 +97,6 @@ def test_pan_and_scan_crops_are_views(pas_explainer, model64):
     patches = probes.check_pixel_reaches_its_patches(pas_explainer, noise(), (IMAGE, IMAGE))
     assert len(patches) == 2 and patches[0] < 64 <= patches[1]
     assert probes.check_patch_reaches_its_tokens(pas_explainer, noise(), 64 + 9, linear=False) == [16]
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet for Gemma3ForConditional"):
-        pas_explainer.attribute(noise(), target="a", through_vision=True)
 
 
 def test_end_to_end_teacher_forced_generated_and_through_vision(explainer):

@@ -124,12 +124,6 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
     assert explainer.attribute(image, max_new_tokens=3).image_map().shape == (24, 64)
 
 
-def test_through_vision_is_refused_for_several_views(tiny):
-    *_, explainer = tiny
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet"):
-        explainer.attribute(tiny_image(24, 64), target="a", through_vision=True)
-
-
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_planted_region_lights_up(name):
     model, processor = BUILDERS[name](text_layers=1,

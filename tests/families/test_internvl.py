@@ -83,12 +83,6 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
         assert method(model, processor).attribute(image, target="a red").image_map().shape == (24, 40)
 
 
-def test_through_vision_is_refused_for_several_views(tiny):
-    _, _, explainer = tiny
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet for InternVLForConditional"):
-        explainer.attribute(tiny_image(24, 40), target="a", through_vision=True)
-
-
 def test_planted_region_lights_up():
     model, processor = tiny_internvl(text_layers=1, processor_kwargs={"image_mean": [0, 0, 0], "image_std": [1, 1, 1]})
     inner = model.model

@@ -84,8 +84,6 @@ def test_end_to_end_teacher_forced_and_generated(explainer):
     assert float(e.image_map().sum()) > 0
     g = explainer.attribute(noise(), target=None, max_new_tokens=3)
     assert g.text_to_query.shape[1] == 52 and g.image_map().shape == IMAGE_HW
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet for LlavaNextForConditional"):
-        explainer.attribute(noise(), target="a", through_vision=True)
 
 
 def test_the_video_model_explains_images_with_the_same_layout(explainer):

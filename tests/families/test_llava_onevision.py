@@ -149,8 +149,6 @@ def test_end_to_end_teacher_forced_and_generated(explainer):
     assert e.image_map().shape == LARGE and e.image_map(word="circle").shape == LARGE
     g = explainer.attribute(noise(SMALL), target=None, max_new_tokens=3)
     assert g.image_map().shape == SMALL and g.options["query_to_patch_rule"] == "identity"
-    with pytest.raises(ValueError, match="through_vision=True is not supported yet for LlavaOnevision"):
-        explainer.attribute(noise(SMALL), target="a", through_vision=True)
 
 
 @pytest.mark.slow

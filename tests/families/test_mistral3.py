@@ -92,12 +92,6 @@ def test_end_to_end_maps_figures_and_generated_target(tiny, tmp_path):
     assert explainer.attribute(image, max_new_tokens=3).image_map().shape == (24, 40)
 
 
-def test_through_vision_is_refused_for_the_block_rule(tiny):
-    _, _, explainer = tiny
-    with pytest.raises(ValueError, match="not supported yet for Mistral3ForConditionalGeneration.*'block'"):
-        explainer.attribute(tiny_image(24, 40), target="a", through_vision=True)
-
-
 def test_planted_region_lights_up():
     model, processor = tiny_mistral3(text_layers=1,
                                      processor_kwargs={"image_mean": [0, 0, 0], "image_std": [1, 1, 1]})
