@@ -333,11 +333,16 @@ def test_planted_region_lights_up(name, cell):
     assert float(inside / heat.sum()) > 1 - 1e-9
     y, x = divmod(int(heat.argmax()), heat.shape[1])  # the pointing point
     assert 8 * r <= y < 8 * r + 8 and 8 * c <= x < 8 * c + 8
-    # Grad-CAM (on the Q-Former's input features) and occlusion see the same evidence: nothing off the region.
-    for method, kw in ((GradCAM, {}), (Occlusion, {"backend": "torch"})):
+    # Grad-CAM (on the Q-Former's input features, uncentered: the off-region features are zero) and occlusion see
+    # the same evidence: nothing off the region.
+    off = torch.ones(16, dtype=torch.bool)
+    off[4 * r + c] = False
+    for method, kw in ((GradCAM, {"center": False}), (Occlusion, {"backend": "torch"})):
         other = method(model, processor).attribute(image, target=TARGET, **kw).text_to_patch
         assert other.shape == e.text_to_patch.shape
-        off = torch.ones(16, dtype=torch.bool)
-        off[4 * r + c] = False
         assert float(other[:, off].abs().max()) <= 1e-12 * max(float(other.abs().max()), 1e-300)
         assert float(other[:, ~off].abs().max()) > 0
+    # Centered (the default), every feature differs from the mean, so off-region patches get some of the weight;
+    # the planted patch stays the top one of the sentence map.
+    centered = GradCAM(model, processor).attribute(image, target=TARGET).text_to_patch
+    assert int(centered.sum(0).argmax()) == 4 * r + c
