@@ -248,17 +248,15 @@ class Explanation:
         return self.query_values(token, word).reshape(self.query_grid)
 
     # ---- persistence -------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file).
+    def to_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(metadata, tensors)``: the JSON-serializable fields and the tensors (CPU, contiguous, never sharing
+        storage) that :meth:`save` writes and :meth:`from_parts` reads back; explanation stores keep many of them
+        in one file.
 
         The Query-to-Patch maps (the explanation's and the layout's) are stored sparsely — the flat indices and
         values of their non-zero entries — when that is smaller than the dense tensor, and the explanation's only
         once when it equals the layout's (the structural rules): a LLaVA-OneVision-sized layout's ``[M, N]`` map is
-        ~7000 × 7300 mostly zeros. :meth:`load` restores them exactly."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        ~7000 × 7300 mostly zeros. :meth:`from_parts` restores them exactly."""
         tensors = {}
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
@@ -279,23 +277,12 @@ class Explanation:
             if self.layout.query_to_patch is not None:
                 tensors["layout.query_to_patch"] = self.layout.query_to_patch.detach().cpu().clone()
         meta["storage"] = _pack_maps(tensors)
-        atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-        return path
+        return meta, tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Explanation:
-        """Read an explanation written by :meth:`save` (safetensors + JSON; no pickle)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta_file, tensor_file = path / "explanation.json", path / "tensors.safetensors"
-        if not meta_file.is_file() or not tensor_file.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)"
-            )
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(str(tensor_file))
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> Explanation:
+        """The explanation of :meth:`to_parts`' ``(metadata, tensors)`` (neither argument is modified)."""
+        meta, tensors = dict(meta), dict(tensors)
         _unpack_maps(tensors, meta.pop("storage", None))
         image = tensors.pop("image", None)
         layout_meta = meta.pop("layout", None)
@@ -311,6 +298,31 @@ class Explanation:
             if meta.get(key) is not None:
                 meta[key] = tuple(meta[key])
         return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file;
+        Query-to-Patch maps stored sparsely, :meth:`to_parts`)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta, tensors = self.to_parts()
+        atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Explanation:
+        """Read an explanation written by :meth:`save` (safetensors + JSON; no pickle)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file, tensor_file = path / "explanation.json", path / "tensors.safetensors"
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)"
+            )
+        return cls.from_parts(json.loads(meta_file.read_text()), load_file(str(tensor_file)))
 
     # ---- display -----------------------------------------------------------------------------------------
     def plot(self, kind: str = "decomposition", **kwargs):
