@@ -13,7 +13,9 @@ Steps (each a function, each resumable from what it wrote to ``out_dir``):
    instruction tuning on multi-turn conversations of the task mix, with the LLM's norms, embeddings and output head
    trained in full beside the adapters) through :func:`deco_models.train.train`. Stages run on CUDA when it is
    available, else on the CPU; with the default settings the whole recipe fits in 30 minutes on 2 CPU cores.
-5. :func:`evaluate` — held-out caption accuracy and pointing game, recorded in each model's ``metrics.json``.
+5. :func:`evaluate` — caption accuracy, grounding and pointing game with 95% scene-bootstrap intervals, recorded in
+   each model's ``metrics.json``: on the validation scenes after training, on the test scenes once when the model is
+   shipped (:func:`ship`, :func:`record_test`). The scene sets are fixed in :data:`SCENE_SETS` (see docs/zoo.md).
 
 Command line: ``python -m deco_models.recipes.shapes_mini OUT_DIR [--quick] [--steps ...]`` or
 ``deco train --recipe shapes-mini``.
