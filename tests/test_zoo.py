@@ -103,7 +103,10 @@ BARS = {  # (projector, bar): minimum
     ("mlp2x_gelu", "pointing"): 0.75, ("mlp2x_gelu", "above_random"): 0.40, ("mlp2x_gelu", "above_raw_last"): 0.15,
     ("avgpool2_36", "pointing"): 0.50, ("avgpool2_36", "above_random"): 0.25, ("avgpool2_36", "above_raw_last"): 0.10,
 }
-MISSED = {}  # filled in below from the measured test numbers
+MISSED = {  # measured on the 200 test scenes (metrics.json "test"), with the 95% scene-bootstrap interval
+    ("shapes-mini-qformer2_36", "sanity_gate"): "color/shape accuracy 0.847 [0.826, 0.869] < 0.88 (validation: 0.839); "
+    "the Q-Former model needs retraining (issue 15)",
+}
 
 
 def _bar_value(metrics: dict, bar: str) -> float:
