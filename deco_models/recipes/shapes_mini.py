@@ -635,27 +635,30 @@ def pointing_game(explainer, n_scenes: int = 100, seed: int = VALIDATION_SEED, q
                   progress: bool = True, **method_options) -> dict[str, float]:
     """Pointing game of an explainer (``rgae.RGAE(model, processor)``, ``rgae.methods.RawAttention``, ...) on
     held-out scenes: the explained target is the true caption (teacher forcing); for every color or shape word whose
-    value is unique in the scene (so it names exactly one object), a hit is the center of the most relevant patch
-    lying inside that object's box. ``random`` is the expected hit rate of a uniformly random patch.
+    value is unique in the scene (so it names exactly one object), a hit is :func:`rgae.metrics.word_pointing_game`:
+    the point of the word's map (the center of its top patch; the centroid of tied top patches, as a pooled model's
+    window gives) lies inside that object's box. ``random`` is the expected hit rate of a uniformly random patch
+    (:func:`rgae.metrics.word_random_baseline`). ``examples/shapes_table.py`` scores the same way.
 
     Returns ``{"hit_rate", "hit_rate_interval", "random", "n_words", "color", "shape"}`` (the interval: 95% scene
     bootstrap).
     """
     from tqdm.auto import tqdm
 
+    from rgae.metrics import word_pointing_game, word_random_baseline
+
     hits = {"color": [], "shape": []}
     random_rate = []
     per_scene = []  # (hits, words) per scene
-    centers = (np.arange(shapes.GRID) + 0.5) * shapes.PATCH_SIZE
     for i in tqdm(range(n_scenes), desc=f"pointing game ({type(explainer).__name__})", disable=not progress,
                   mininterval=5):
         scene = shapes.generate_scene((seed, i), max_objects=3)
         target = shapes.caption(scene)
         explanation = explainer.attribute(scene.image, target=target, prompt=question, **method_options)
-        maps = explanation.text_to_patch.detach().float().cpu()
         words = target.split(" ")
-        if len(words) != maps.shape[0]:
-            raise ValueError(f"expected one target token per caption word, got {maps.shape[0]} for {len(words)}")
+        if len(words) != explanation.text_to_patch.shape[0]:
+            raise ValueError(f"expected one target token per caption word, got {explanation.text_to_patch.shape[0]} "
+                             f"for {len(words)}")
         scene_hits = []
         for t, word in enumerate(words):
             group = "color" if word in shapes.COLORS else "shape" if word in shapes.SHAPES else None
@@ -664,14 +667,10 @@ def pointing_game(explainer, n_scenes: int = 100, seed: int = VALIDATION_SEED, q
             obj = scene.objects[t // 6]  # caption = "a SIZE COLOR SHAPE left of a ..." : six words per object
             if sum(getattr(o, group) == word for o in scene.objects) != 1:
                 continue
-            r, c = divmod(int(maps[t].argmax()), shapes.GRID)
-            x0, y0, x1, y1 = obj.box
-            hit = bool(x0 <= centers[c] < x1 and y0 <= centers[r] < y1)
+            hit = word_pointing_game(explanation, t, obj.box, original_hw=scene.image.shape[:2])
             hits[group].append(hit)
             scene_hits.append(hit)
-            inside_x = (centers >= x0) & (centers < x1)
-            inside_y = (centers >= y0) & (centers < y1)
-            random_rate.append(inside_x.sum() * inside_y.sum() / shapes.GRID**2)
+            random_rate.append(word_random_baseline(explanation, obj.box))
         per_scene.append((sum(scene_hits), len(scene_hits)))
     every = hits["color"] + hits["shape"]
     return {"hit_rate": float(np.mean(every)) if every else float("nan"),
