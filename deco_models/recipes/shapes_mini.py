@@ -80,8 +80,8 @@ def text_decoder():
 
     Example:
         >>> tok = build_tokenizer()
-        >>> tok.decode(tok("Where is it? [0.26, 0.55, 0.40, 0.71]")["input_ids"], skip_special_tokens=True)
-        'Where is it? [0.26, 0.55, 0.40, 0.71]'
+        >>> tok.decode(tok("Where is the red circle? [0.26, 0.55, 0.40, 0.71]")["input_ids"], skip_special_tokens=True)
+        'Where is the red circle? [0.26, 0.55, 0.40, 0.71]'
     """
     from tokenizers import Regex, decoders
 
