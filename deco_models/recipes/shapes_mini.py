@@ -873,9 +873,9 @@ def run(out_dir: str | os.PathLike, quick: bool = False, projectors=None, ship_t
 def ship(run_root: str | os.PathLike, zoo_dir: str | os.PathLike, projectors=PROJECTORS,
          test_scenes: int = SCENE_SETS["test"].size) -> list[Path]:
     """Copy the shippable files of a finished run into ``zoo_dir`` (e.g. ``deco_models/zoo/shapes-mini``): the base
-    once (vision tower, LLM, tokenizer, image processor) and per projector its adapter, config and metrics; then
-    each shipped model is measured on the test scenes (:func:`record_test`, skipped when its metrics already hold
-    them): shipping is the one point where a model meets the test set."""
+    once (vision tower, LLM, tokenizer, image processor) and per projector its adapter, config and metrics (the
+    run's, validation only); then each shipped model is measured on the first ``test_scenes`` test scenes
+    (:func:`record_test`): shipping is the one point where a model meets the test set."""
     import shutil
 
     root, zoo = Path(run_root), Path(zoo_dir)
