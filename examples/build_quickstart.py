@@ -107,7 +107,42 @@ except ValueError:  # a tiny random model may answer nothing at all
     photo_expl = rgae.RGAE(model, processor).attribute(photo, target="a yellow circle", prompt="Describe the image.")
 print("answer:", photo_expl.target_text)
 display(photo_expl.plot("decomposition"))"""),
-    ("md", """## 7. Save figures
+    ("md", """## 7. A Qwen2-VL-style model
+
+Qwen2-VL sees each image at its own resolution: the processor resizes it to multiples of 28 px (`image_grid_thw`),
+the vision tower attends per image inside one packed sequence, and its merger concatenates every 2×2 block of
+patches into one LLM token. rgae maps each token back to its block and each patch to its box in the original photo
+(`docs/adapters.md`). Here a tiny **random** `Qwen2VLForConditionalGeneration` with the shapes words: the layout is
+real, the maps mean nothing. (Qwen's processors need torchvision for their video part; `image_text_processor` builds
+one without it.)"""),
+    ("code", """from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from deco_models.recipes.shapes_mini import build_tokenizer
+from rgae.adapters.qwen_vl_base import image_text_processor
+
+tokenizer = build_tokenizer()  # the shapes words and "<image>", plus Qwen's vision delimiters
+tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]})
+chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{% for c in m['content'] %}"
+          "{% if c['type'] == 'image' %}<|vision_start|><image><|vision_end|>{% else %}{{ c['text'] }}"
+          "{% endif %}{% endfor %}<|im_end|>\\n{% endfor %}<|im_start|>assistant\\n")
+qwen_processor = image_text_processor(Qwen2VLProcessor, Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 96), tokenizer,
+                                      chatml)
+ids = tokenizer.convert_tokens_to_ids
+qwen = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+    vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14),
+    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=len(tokenizer), bos_token_id=None,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 4, 4]}),
+    image_token_id=ids("<image>"), video_token_id=ids("<|video_pad|>"),
+    vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))).eval()
+qwen_expl = rgae.RGAE(qwen, qwen_processor).attribute(photo, target="a yellow circle", prompt="Describe the image.")
+print("photo", photo.shape[:2], "-> patches", qwen_expl.layout.views[0].grid, "-> tokens",
+      qwen_expl.layout.query_grid, "| Query-to-Patch:", qwen_expl.options["query_to_patch_rule"])
+display(qwen_expl.plot("decomposition"))"""),
+    ("md", """## 8. Save figures
 
 `save_figures` writes the original tool's file names (`R_t_i-…`, `R_t_q-…`, `R_q_i-…`, `decomposition-…`) in PNG,
 PDF or SVG; `Explanation.save` keeps the raw maps (safetensors + JSON) for later."""),

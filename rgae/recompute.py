@@ -49,32 +49,39 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "AttentionBlock",
     "Workspace",
+    "chunk_rows_for",
     "compute_dtype",
     "layer_cam",
     "layer_probabilities",
     "probability_rows",
     "rollout_step",
-    "chunk_step",
     "row_trick_step",
 ]
 
-#: The most query rows per chunk. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy
-#: CPU every multi-threaded operation waits for its threads to be scheduled, whatever its size.
+#: Query rows per chunk. A chunk's temporaries are ``[T, H, rows, keys]``, so the extra memory grows like the
+#: sequence (as a forward's activations do), never like its square: 4 targets × 8 heads × 256 rows × 2,048 keys
+#: in float32 is 64 MiB. Fewer, larger chunks keep the per-operation cost down where it dominates: on a busy CPU
+#: every multi-threaded operation waits for its threads to be scheduled, whatever its size.
 DEFAULT_CHUNK_ROWS = 256
 
-#: The size a chunk's largest temporary (``[T, H, rows, keys]``) may reach: the rows per chunk shrink as targets,
-#: heads and keys grow, so the recompute's scratch memory stays fixed while a forward's activations grow with the
-#: sequence (``bench/bench_memory.py``: the capture's peak stays within 1.5× the gradient floor's at every length).
-CHUNK_BYTES = 8 * 2**20
+#: The largest ``[T, H, rows, keys]`` temporary a chunk may hold before its rows shrink below the default (not
+#: below :data:`MIN_CHUNK_ROWS`, where the per-operation cost would dominate): with 4 targets, 8 heads and 1,026
+#: keys, 256 rows made a 32 MiB temporary beside the targets' gradients, half again the extra memory of the whole
+#: explanation of a 1,024 × 768 image on a Qwen2-VL-shaped model (bench/bench_qwen_memory.py).
+CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK_ROWS = 64
 
 
-def chunk_step(chunk_rows: int | None, per_row: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: ``chunk_rows`` when given, else as many as fit :data:`CHUNK_BYTES` for ``per_row`` elements of
-    ``dtype`` per row (at least 8, at most :data:`DEFAULT_CHUNK_ROWS`)."""
-    if chunk_rows is not None:
-        return max(1, int(chunk_rows))
-    fit = CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=dtype).element_size())
-    return int(min(DEFAULT_CHUNK_ROWS, max(8, fit)))
+def chunk_rows_for(chunk_rows: int, targets: int, heads: int, keys: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: ``chunk_rows``, fewer when a ``[targets, heads, rows, keys]`` temporary would pass
+    :data:`CHUNK_BYTES` (never fewer than :data:`MIN_CHUNK_ROWS` for that reason).
+
+    Example:
+        >>> chunk_rows_for(256, 4, 8, 512, torch.float32), chunk_rows_for(256, 4, 8, 1026, torch.float32)
+        (256, 127)
+    """
+    row_bytes = max(1, targets * heads * keys * torch.finfo(dtype).bits // 8)
+    return max(1, min(int(chunk_rows), max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -290,10 +297,12 @@ class Workspace:
     """Scratch buffers reused across the chunks of a loop: fresh memory costs a page fault per page, on every chunk
     (a large share of the recompute's time on the CPU); a buffer is allocated once, at its largest size so far.
 
-    ``capacity``: the smallest size (elements) a new buffer gets, e.g. a chunk's largest ``[T, H, rows, keys]``.
+    ``capacity``: the smallest size (elements) a new buffer gets, e.g. a chunk's largest ``[T, H, rows, keys]``;
+    or per buffer name (``{"grad": T·H·rows·keys, "probs": H·rows·keys}``; other names: 0), so that a buffer whose
+    chunks never hold T targets is not sized for them.
     """
 
-    def __init__(self, capacity: int = 0):
+    def __init__(self, capacity: int | dict[str, int] = 0):
         self.capacity = capacity
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict = {}
@@ -308,9 +317,16 @@ class Workspace:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = torch.empty(max(numel, self.capacity), dtype=dtype, device=device)
+            least = self.capacity.get(name, 0) if isinstance(self.capacity, dict) else self.capacity
+            buf = torch.empty(max(numel, least), dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
+
+
+def _cam_workspace(targets: int, chunk: int) -> Workspace:
+    """The buffers of :meth:`AttentionBlock.cam` over chunks of at most ``chunk`` = ``H · rows · keys`` elements:
+    the probabilities are shared by the targets, their gradients are not."""
+    return Workspace({"logits": chunk, "probs": chunk, "grad": targets * chunk})
 
 
 def _row_index(rows: slice | torch.Tensor, device) -> torch.Tensor:
@@ -361,7 +377,7 @@ def row_trick_step(
     v: torch.Tensor,
     blocks: Sequence[AttentionBlock],
     grads: Sequence[torch.Tensor],
-    chunk_rows: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """One layer of the row trick, ``v + v · cam``, with cam streamed from the recomputed attention.
 
@@ -374,8 +390,7 @@ def row_trick_step(
             (:func:`compute_dtype` of the model's).
         blocks: the layer's attention blocks (self-attention: the layer maps n tokens to n tokens).
         grads: per block ``[T, H, n_q, d_v]``, target t's gradient w.r.t. the block's per-head output.
-        chunk_rows: query rows per chunk (the temporaries are ``[T, H, chunk_rows, keys]``; default: what fits
-            :data:`CHUNK_BYTES`).
+        chunk_rows: query rows per chunk (the temporaries are ``[T, H, chunk_rows, keys]``).
 
     Returns:
         ``[T, n]``, a new tensor.
@@ -388,8 +403,8 @@ def row_trick_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = chunk_step(chunk_rows, v.shape[0] * block.heads * block.n_k, v.dtype)
-        ws = Workspace(v.shape[0] * block.heads * min(step, span[1] - span[0]) * block.n_k)
+        step = chunk_rows_for(chunk_rows, v.shape[0], block.heads, block.n_k, v.dtype)
+        ws = _cam_workspace(v.shape[0], block.heads * min(step, span[1] - span[0]) * block.n_k)
         arranged = block.arrange(grad, v.dtype)
         for rows, c0, c1 in _chunks(block, *span, step):
             cam = block.cam(arranged, rows, c0, c1, v.dtype, scale=1.0, workspace=ws)  # 1/H goes on the weights
@@ -403,7 +418,7 @@ def layer_cam(
     grads: Sequence[torch.Tensor],
     n_q: int,
     n_k: int,
-    chunk_rows: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """The full per-layer map ``[T, n_q, n_k]`` = ``mean_h (G ⊙ A)+`` of every target (zero between blocks)."""
     _check_layer(blocks, grads)
@@ -411,8 +426,8 @@ def layer_cam(
     dtype = compute_dtype(ref.dtype)
     out = torch.zeros(grads[0].shape[0], n_q, n_k, dtype=dtype, device=ref.device)
     for block, grad in zip(blocks, grads):
-        step = chunk_step(chunk_rows, grad.shape[0] * block.heads * block.n_k, dtype)
-        ws = Workspace(grad.shape[0] * block.heads * min(step, block.n_q) * block.n_k)
+        step = chunk_rows_for(chunk_rows, grad.shape[0], block.heads, block.n_k, dtype)
+        ws = _cam_workspace(grad.shape[0], block.heads * min(step, block.n_q) * block.n_k)
         arranged = block.arrange(grad, dtype)
         for rows, c0, c1 in _chunks(block, 0, block.n_q, step):
             out[:, block.q_offset + rows.start : block.q_offset + rows.stop,
@@ -451,7 +466,7 @@ def rollout_step(
     blocks: Sequence[AttentionBlock],
     heads: Sequence[int] | None = None,
     residual: float = 0.5,
-    chunk_rows: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """One layer of attention rollout by the row trick: ``v · Â`` with ``Â = (1 - r)·mean_h A + r·I``, rows
     renormalized to 1 (``rgae.methods.rollout.rollout_layer``), streamed in row chunks.
@@ -470,7 +485,7 @@ def rollout_step(
         span = _support(v, block.q_offset, block.n_q)
         if span is None:
             continue
-        step = chunk_step(chunk_rows, block.heads * block.n_k, v.dtype)
+        step = max(1, int(chunk_rows))
         ws = Workspace(block.heads * min(step, span[1] - span[0]) * block.n_k)
         for rows, c0, c1 in _chunks(block, *span, step):
             r = rows.stop - rows.start

@@ -258,12 +258,13 @@ class ModelAdapter:
             self.query_grid if self.query_grid is not None else None,
         )
 
-    def patch_tokens(self, layout: ImageLayout) -> torch.Tensor:
+    def patch_tokens(self, layout: ImageLayout, inputs=None) -> torch.Tensor:
         """``[N]`` long: for each patch of ``layout`` (view by view, row-major), the index of its token in the vision
         tower's attention sequence as the capture lays it out (``through_vision``): a tower that encodes the views as
         a batch ``[V, vision_prefix + rows·cols]`` is one block-diagonal sequence, view after view, each starting
         with its ``vision_prefix`` non-patch tokens. Families whose tower orders patches otherwise (packed sequences,
-        merge-block order) override this."""
+        merge-block order) override this; ``inputs`` (the explainer's ``PreparedInputs``) tells them where the
+        layout's image sits among the others of a prompt that packs several images into one vision sequence."""
         grids = {view.grid for view in layout.views}
         if len(grids) != 1:
             raise ValueError(
@@ -273,6 +274,15 @@ class ModelAdapter:
         (rows, cols), prefix = layout.views[0].grid, self.vision_prefix
         per_view = torch.arange(rows * cols) + prefix
         return torch.cat([per_view + v * (prefix + rows * cols) for v in range(len(layout.views))])
+
+    def image_layouts(self, processor, batch, image_sizes: list[tuple[int, int]]) -> list[ImageLayout]:
+        """One :class:`~rgae.layout.ImageLayout` per image of ``batch`` (a prompt showing ``len(image_sizes)``
+        images, of those original sizes): :meth:`layout` for one image; families whose prompts hold several images
+        override this."""
+        if len(image_sizes) != 1:
+            raise ValueError(f"{type(self.model).__name__}: one image per prompt is explained for this family, got "
+                             f"{len(image_sizes)}")
+        return [self.layout(processor, batch, image_sizes[0])]
 
     def describe(self) -> dict:
         return {

@@ -70,25 +70,30 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def build_prompt(processor, prompt: str | None, template: str | None = None) -> str:
+def build_prompt(processor, prompt: str | None, template: str | None = None, n_images: int = 1) -> str:
     """The rendered prompt: ``prompt`` as is when it already holds the image token, else the chat template around
     the instruction; a processor without one gets ``template`` (``{image}``/``{instruction}`` fields: the adapter's
-    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:`` template."""
+    ``prompt_template``) or, without that, a plain ``USER: <image>\\n... ASSISTANT:`` template. ``n_images``: the
+    images the prompt shows, in order (a given prompt must hold that many image tokens when there are several)."""
     image_token = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2 keeps an AddedToken
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"prompt must be a non-empty string or None, got {prompt!r}")
         if image_token in prompt:
+            if n_images > 1 and prompt.count(image_token) != n_images:
+                raise InputError(f"the prompt holds {prompt.count(image_token)} image token(s) {image_token!r} for "
+                                 f"{n_images} images")
             return prompt
     instruction = prompt or DEFAULT_INSTRUCTION
-    if callable(getattr(processor, "render_prompt", None)):  # deco_models.DecoProcessor
+    if callable(getattr(processor, "render_prompt", None)) and n_images == 1:  # deco_models.DecoProcessor
         return processor.render_prompt(instruction)
     if getattr(processor, "chat_template", None) and callable(getattr(processor, "apply_chat_template", None)):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": instruction}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = "\n".join([image_token] * n_images)
     if template is not None:
-        return template.format(image=image_token, instruction=instruction)
-    return f"USER: {image_token}\n{instruction} ASSISTANT:"
+        return template.format(image=images, instruction=instruction)
+    return f"USER: {images}\n{instruction} ASSISTANT:"
 
 
 @dataclass
@@ -172,18 +177,27 @@ class Explainer:
 
     def encode_prompt(self, image, prompt: str | None):
         """``(rendered prompt, prompt ids [1, S], model inputs, layout, original image)`` for one image."""
-        pil = load_image(image)
-        text = build_prompt(self.processor, prompt, self.adapter.prompt_template)
-        batch, inputs = self.process(pil, text)
+        text, input_ids, inputs, layouts, images = self.encode_images([image], prompt)
+        return text, input_ids, inputs, layouts[0], images[0]
+
+    def encode_images(self, images, prompt: str | None):
+        """``(rendered prompt, prompt ids [1, S], model inputs, [layout per image], [original image per image])``
+        for one prompt showing ``images`` in order (several only for families whose adapter lays out several images
+        of a prompt, :meth:`~rgae.adapters.ModelAdapter.image_layouts`)."""
+        pils = [load_image(image) for image in images]
+        if not pils:
+            raise InputError("no image to explain")
+        text = build_prompt(self.processor, prompt, self.adapter.prompt_template, n_images=len(pils))
+        batch, inputs = self.process(pils[0] if len(pils) == 1 else pils, text)
         input_ids = batch["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
-        layout = self.adapter.layout(self.processor, batch, (pil.height, pil.width))
-        return text, input_ids.to(self.device), inputs, layout, np.array(pil, dtype=np.uint8)
+        layouts = self.adapter.image_layouts(self.processor, batch, [(p.height, p.width) for p in pils])
+        return text, input_ids.to(self.device), inputs, layouts, [np.array(p, dtype=np.uint8) for p in pils]
 
     def process(self, pil, text: str) -> tuple:
         """``(the processor's output, the model inputs it gives on the model's device and dtype)`` for one PIL image
-        and a rendered prompt."""
+        (or a list of them) and a rendered prompt."""
         try:
             batch = self.processor(images=pil, text=text, return_tensors="pt")
         except TypeError:
@@ -242,7 +256,13 @@ class Explainer:
         return torch.tensor(keep, dtype=torch.long)
 
     def prepare(self, image, target: str | None, prompt: str | None, max_new_tokens: int = 32) -> PreparedInputs:
-        text, prompt_ids, model_inputs, layout, image_np = self.encode_prompt(image, prompt)
+        return self.prepare_images([image], target, prompt, max_new_tokens)[0]
+
+    def prepare_images(self, images, target: str | None, prompt: str | None,
+                       max_new_tokens: int = 32) -> list[PreparedInputs]:
+        """One :class:`PreparedInputs` per image of a prompt that shows ``images``: the same teacher-forced
+        sequence (and generated target), each with its own image's layout and original image."""
+        text, prompt_ids, model_inputs, layouts, images_np = self.encode_images(images, prompt)
         pixel_values = model_inputs.pop("pixel_values")
         extra = model_inputs
         tok = tokenizer_of(self.processor)
@@ -261,7 +281,7 @@ class Explainer:
                     f"they become the unknown token {getattr(tok, 'unk_token', None)!r}, so their maps explain that "
                     "token, not the word (Explanation.options['unknown_words'] records them)",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of attribute() (attribute -> prepare -> prepare_images)
                 )
         limit = self.adapter.max_positions
         total = prompt_ids.shape[1] + target_ids.numel()
@@ -271,20 +291,23 @@ class Explainer:
                 f"longer than the model's context (max_position_embeddings = {limit})"
             )
         input_ids = torch.cat([prompt_ids, target_ids.view(1, -1).to(prompt_ids.device)], dim=1)
-        return PreparedInputs(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            prompt_len=prompt_ids.shape[1],
-            target_ids=target_ids.to(self.device),
-            target_text=target_text,
-            prompt=text,
-            layout=layout,
-            image=image_np,
-            word_ids=word_ids,
-            extra=extra,
-            target_values=dict(self.adapter.target_token_values),
-            unknown_words=unknown,
-        )
+        return [
+            PreparedInputs(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                prompt_len=prompt_ids.shape[1],
+                target_ids=target_ids.to(self.device),
+                target_text=target_text,
+                prompt=text,
+                layout=layout,
+                image=image_np,
+                word_ids=word_ids,
+                extra=extra,
+                target_values=dict(self.adapter.target_token_values),
+                unknown_words=unknown,
+            )
+            for layout, image_np in zip(layouts, images_np)
+        ]
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     def forward(self, inputs: PreparedInputs, keep_logits: bool = True):
@@ -352,6 +375,15 @@ class Explainer:
         max_new_tokens = int(options.pop("max_new_tokens", 32))
         inputs = self.prepare(image, target, prompt, max_new_tokens=max_new_tokens)
         return self._attribute(inputs, **options)
+
+    def attribute_images(self, images, target: str | None = None, prompt: str | None = None,
+                         **options) -> list[Explanation]:
+        """Explain ``target`` (or the model's greedy answer) for one prompt that shows several ``images`` in order:
+        one :class:`~rgae.Explanation` per image, each over its own image and tokens (the same answer for all;
+        one explanation pass per image). Families whose prompts hold several images (Qwen-VL) support it."""
+        max_new_tokens = int(options.pop("max_new_tokens", 32))
+        prepared = self.prepare_images(list(images), target, prompt, max_new_tokens=max_new_tokens)
+        return [self._attribute(inputs, **dict(options)) for inputs in prepared]
 
     def _attribute(self, inputs: PreparedInputs, **options) -> Explanation:  # pragma: no cover - abstract
         raise NotImplementedError

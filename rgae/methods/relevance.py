@@ -30,7 +30,7 @@ from torch import nn
 
 from rgae.attention_capture import InterfaceCapture
 from rgae.capture import AttentionRecorder, eager_attention, explain_mode
-from rgae.recompute import compute_dtype, layer_cam, row_trick_step
+from rgae.recompute import DEFAULT_CHUNK_ROWS, compute_dtype, layer_cam, row_trick_step
 from rgae.rules import propagate, propagate_rows
 
 CAPTURES = ("interface", "eager")
@@ -172,7 +172,7 @@ class InterfaceRelevance:
     capture = "interface"
 
     def __init__(self, model: nn.Module, adapter, through_vision: bool, full_llm_cams: bool = False,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
         self.model = model
         self.through_vision = through_vision
         self.full_llm_cams = full_llm_cams

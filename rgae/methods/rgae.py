@@ -281,19 +281,19 @@ def gradient_batches(target_logits: torch.Tensor, tensors: list[torch.Tensor], g
     n = target_logits.numel()
     if grad_batch is None:
         grad_batch = auto_grad_batch(target_logits, tensors)
+    # The gradients are yielded without a local name: a suspended generator would keep the last batch alive while
+    # the consumer computes the next one (one more set of gradients at the peak).
     if not grad_batch or grad_batch <= 1:
         for t in range(n):
-            grads = torch.autograd.grad(target_logits[t], tensors, retain_graph=True, allow_unused=True)
-            yield [t], [None if g is None else g.unsqueeze(0) for g in grads]
+            yield [t], [None if g is None else g.unsqueeze(0)
+                        for g in torch.autograd.grad(target_logits[t], tensors, retain_graph=True, allow_unused=True)]
         return
     for start in range(0, n, grad_batch):
         idx = torch.arange(start, min(n, start + grad_batch), device=target_logits.device)
         basis = torch.zeros(len(idx), n, dtype=target_logits.dtype, device=target_logits.device)
         basis[torch.arange(len(idx)), idx] = 1.0
-        grads = torch.autograd.grad(
-            target_logits, tensors, grad_outputs=basis, is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        yield idx.tolist(), list(grads)
+        yield idx.tolist(), list(torch.autograd.grad(target_logits, tensors, grad_outputs=basis,
+                                                     is_grads_batched=True, retain_graph=True, allow_unused=True))
 
 
 def gradient_groups(batches, group: int):
@@ -443,7 +443,7 @@ class RGAE(Explainer):
                    else f" with {ad.feature_prefix} non-patch feature(s) entering the connector")
                 + "; use through_vision=False"
             )
-        patch_tokens = ad.patch_tokens(inputs.layout) if through_layout else None
+        patch_tokens = ad.patch_tokens(inputs.layout, inputs) if through_layout else None
         cross_llm = ad.sees_image_through_cross_attention
         source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
         needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
@@ -515,6 +515,8 @@ class RGAE(Explainer):
                         q2p = (self._compose_vit(q2p_feat, r_vit) if r_vit is not None
                                else q2p_feat[:, ad.feature_prefix :])
                     q2p_maps.append(q2p)
+                # Before the next group's backward passes: this group's gradients go (held, they doubled the peak).
+                del batch, grads, maps
             bar.close()
 
         t2q = torch.stack(t2q_rows)
