@@ -1,5 +1,7 @@
-"""The paper's Table 1 in miniature: task quality and explanation quality of each shipped shapes-mini model on a
-held-out shapes set (scenes ``generate_scene((HELDOUT_SEED, i))``, never seen in training).
+"""The paper's Table 1 in miniature: task quality and explanation quality of each shipped shapes-mini model on the
+**test** scenes (``SCENE_SETS["test"]`` of :mod:`deco_models.recipes.shapes_mini`: never seen in training and never used
+to choose anything; ``--set validation`` gives the scenes every choice was made on), each number with its 95%
+bootstrap interval over scenes (:mod:`deco_models.eval.intervals`: 2000 resamples, seed 0).
 
 Columns, per projector model:
 
@@ -7,7 +9,8 @@ Columns, per projector model:
   caption so far) — the sanity gate of the quality targets;
 - **VQA**: exact-match accuracy (``deco_models.eval.gqa_accuracy``) of greedy answers to attribute questions;
 - **POPE F1**: yes/no probes with random, popular and adversarial negatives (``pope_metrics``);
-- **Acc@0.5**: grounding, the answered box's IoU with the object's box ≥ 0.5 (``rec_accuracy``);
+- **Acc@0.5**: grounding, "Where is the COLOR SHAPE?" for every object its color and shape name alone, the answered
+  box's IoU with the object's box ≥ 0.5 (``shapes_mini.grounding_accuracy``);
 - **PG <method>**: pointing game (center of the top patch inside the object's box) of the color and shape words of
   the teacher-forced caption whose object is unique in the scene; **PG random** is the expected hit rate of a
   uniformly random patch on the same words;
@@ -17,7 +20,7 @@ Columns, per projector model:
 
 Usage::
 
-    python examples/shapes_table.py                      # every model in deco_models.zoo.available(), 100 scenes
+    python examples/shapes_table.py                      # every model in deco_models.zoo.available(), 200 test scenes
     python examples/shapes_table.py --tiny --scenes 3    # smoke test on tiny random models
 
 Prints a markdown table and writes it to ``--out`` (default ``shapes_table.md``) with the raw numbers beside it
@@ -42,72 +45,56 @@ def _question(turns: list[dict]) -> tuple[str, str]:
     return turns[0]["value"].replace("<image>\n", "").replace("<image>", "").strip(), turns[1]["value"]
 
 
+def _with_interval(numerators, denominators=None) -> dict:
+    from deco_models.eval.intervals import bootstrap_ratio
+
+    found = bootstrap_ratio(numerators, denominators)
+    return {"value": found["value"], "low": found["low"], "high": found["high"]}
+
+
 def task_quality(model, processor, scenes, batch_size: int = 16, progress: bool = True) -> dict:
-    """VQA exact match, POPE (F1 and the rest) and grounding Acc@0.5 from greedy answers."""
+    """VQA exact match and POPE (F1 and the rest) from greedy answers, with scene-bootstrap intervals."""
     from PIL import Image
     from tqdm.auto import tqdm
 
     from deco_models.data import shapes
-    from deco_models.eval import gqa_accuracy, pope_metrics, rec_accuracy
+    from deco_models.eval import gqa_accuracy, parse_pope_answer, pope_metrics
     from deco_models.eval.generation import generate_batch
 
-    items = []  # (task, prompt, image index, answer, extra)
+    items = []  # (task, prompt, image index, answer)
     for k, scene in enumerate(scenes):
         # rng=None: the questions are drawn from the scene's own seed, as deco_models.data.shapes.write_dataset does.
-        for sample in shapes.scene_tasks(scene, str(k), f"{k}.png", tasks=("vqa", "pope", "grounding")):
+        for sample in shapes.scene_tasks(scene, str(k), f"{k}.png", tasks=("vqa", "pope")):
             question, answer = _question(sample["conversations"])
-            items.append((sample["task"], processor.render_prompt(question), k, answer, sample))
+            items.append((sample["task"], processor.render_prompt(question), k, answer))
     images = [Image.fromarray(s.image) for s in scenes]
     answers: list[str] = []
     for start in tqdm(range(0, len(items), batch_size), desc="answers", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
-        prompts, chunk_images = [p for _, p, _, _, _ in chunk], [images[k] for _, _, k, _, _ in chunk]
-        answers += generate_batch(model, processor, prompts, chunk_images, max_new_tokens=24)
-    by_task: dict[str, list[tuple[str, str, dict]]] = {"vqa": [], "pope": [], "grounding": []}
-    for (task, _, k, gold, sample), pred in zip(items, answers):
-        by_task[task].append((pred, gold, {"scene": k, **sample}))
-    out: dict = {}
-    vqa = by_task["vqa"]
-    out["vqa"] = float(np.mean([gqa_accuracy(p, g) for p, g, _ in vqa])) if vqa else float("nan")
-    out["vqa_n"] = len(vqa)
-    pope = by_task["pope"]
-    out["pope"] = pope_metrics([p for p, _, _ in pope], [g for _, g, _ in pope]) if pope else {}
-    grounding = by_task["grounding"]
-    if grounding:
-        gt = [scenes[s["scene"]].objects[s["object"]].box_norm for _, _, s in grounding]
-        out["grounding_acc50"] = rec_accuracy([p for p, _, _ in grounding], gt, iou=0.5)
-    else:
-        out["grounding_acc50"] = float("nan")
-    out["grounding_n"] = len(grounding)
-    out["examples"] = [{"task": t, "pred": a, "gold": g} for (t, _, _, g, _), a in list(zip(items, answers))[:6]]
-    return out
-
-
-def caption_accuracy(model, processor, scenes) -> float:
-    """Teacher-forced argmax accuracy of the caption's color and shape words."""
-    import torch
-
-    from deco_models.data import shapes
-
-    tok = processor.tokenizer
-    content = {tok.convert_tokens_to_ids(w) for w in (*shapes.COLORS, *shapes.SHAPES)}
-    prompt = processor.render_prompt(PROMPT)
-    hits = total = 0
-    for scene in scenes:
-        n_prompt = processor(text=prompt, images=scene.image)["input_ids"].shape[1]
-        inputs = processor(text=prompt + " " + shapes.caption(scene), images=scene.image)
-        with torch.no_grad():
-            predicted = model(**inputs).logits[0, :-1].argmax(-1)
-        ids = inputs["input_ids"][0]
-        for pos in range(n_prompt, ids.shape[0]):
-            if int(ids[pos]) in content:
-                hits += int(predicted[pos - 1] == ids[pos])
-                total += 1
-    return hits / max(total, 1)
+        answers += generate_batch(model, processor, [p for _, p, _, _ in chunk], [images[k] for _, _, k, _ in chunk],
+                                  max_new_tokens=24)
+    n = len(scenes)
+    vqa_right, vqa_asked = np.zeros(n), np.zeros(n)
+    pope_num, pope_den = np.zeros(n), np.zeros(n)  # F1 = 2 TP / (2 TP + FP + FN), summed per scene
+    pope_pred, pope_gold = [], []
+    for (task, _, k, gold), pred in zip(items, answers):
+        if task == "vqa":
+            vqa_right[k] += gqa_accuracy(pred, gold)
+            vqa_asked[k] += 1
+        else:
+            said_yes, is_yes = parse_pope_answer(pred) == "yes", gold == "yes"
+            pope_num[k] += 2 * (said_yes and is_yes)
+            pope_den[k] += 2 * (said_yes and is_yes) + (said_yes != is_yes)
+            pope_pred.append(pred)
+            pope_gold.append(gold)
+    return {"vqa": _with_interval(vqa_right, vqa_asked), "vqa_n": int(vqa_asked.sum()),
+            "pope": pope_metrics(pope_pred, pope_gold), "pope_f1": _with_interval(pope_num, pope_den),
+            "examples": [{"task": t, "pred": a, "gold": g} for (t, _, _, g), a in list(zip(items, answers))[:6]]}
 
 
 def explanation_quality(model, processor, scenes, methods=tuple(METHODS), progress: bool = True) -> dict:
-    """Pointing-game hit rate per method (and random) on the unique-object color/shape words of the captions."""
+    """Pointing-game hit rate per method (and random) on the unique-object color/shape words of the captions, and
+    R-GAE's Query-to-Patch diagnostics, each with its scene-bootstrap interval."""
     from tqdm.auto import tqdm
 
     import rgae.methods as rgae_methods
@@ -116,80 +103,96 @@ def explanation_quality(model, processor, scenes, methods=tuple(METHODS), progre
     from rgae.metrics import projector_diagnostics, word_pointing_game, word_random_baseline
 
     explainers = {m: getattr(rgae_methods, METHODS[m])(model, processor) for m in methods}
-    hits: dict[str, list[bool]] = {m: [] for m in methods}
-    chance: list[float] = []
-    diagnostics: list[dict] = []
+    n = len(scenes)
+    hits = {m: np.zeros(n) for m in methods}
     by_kind: dict[str, dict[str, list[bool]]] = {m: {"color": [], "shape": []} for m in methods}
-    for scene in tqdm(scenes, desc="pointing game", disable=not progress, leave=False):
+    words, chance = np.zeros(n), np.zeros(n)
+    diagnostics: dict[str, list[float]] = {"locality": [], "redundancy": [], "entropy": []}
+    for k, scene in enumerate(tqdm(scenes, desc="pointing game", disable=not progress, leave=False)):
         target = shapes.caption(scene)
         for m, explainer in explainers.items():
             expl = explainer.attribute(scene.image, target=target, prompt=PROMPT)
             pairs = unique_word_boxes(expl, scene)
             if m == "rgae" and expl.query_to_patch is not None:
-                diagnostics.append(projector_diagnostics(expl))
+                found = projector_diagnostics(expl)
+                for key in diagnostics:
+                    diagnostics[key].append(found[key])
             for i, word, box in pairs:
                 hit = word_pointing_game(expl, i, box, original_hw=scene.image.shape[:2])
-                hits[m].append(hit)
+                hits[m][k] += hit
                 by_kind[m]["color" if word in shapes.COLORS else "shape"].append(hit)
             if m == methods[0]:
-                chance += [word_random_baseline(expl, b) for _, _, b in pairs]
-    out = {m: float(np.mean(h)) if h else float("nan") for m, h in hits.items()}
-    out["random"] = float(np.mean(chance)) if chance else float("nan")
-    out["n_words"] = len(chance)
-    for key in ("locality", "redundancy", "entropy"):
-        out[f"q2p_{key}"] = float(np.mean([d[key] for d in diagnostics])) if diagnostics else float("nan")
-    out["by_kind"] = {m: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()}
+                words[k] = len(pairs)
+                chance[k] = sum(word_random_baseline(expl, b) for _, _, b in pairs)
+    out = {m: _with_interval(h, words) for m, h in hits.items()}
+    out["random"] = _with_interval(chance, words)
+    out["n_words"] = int(words.sum())
+    for key, values in diagnostics.items():
+        out[f"q2p_{key}"] = _with_interval(values) if values else None
+    out["by_kind"] = {m: {kind: float(np.mean(v)) if v else float("nan") for kind, v in d.items()}
                       for m, d in by_kind.items()}
     return out
 
 
-def evaluate(name: str, scenes, methods=tuple(METHODS), batch_size: int = 16, progress: bool = True) -> dict:
-    """Every column of the table for one model."""
+def evaluate(name: str, scene_set: str = "test", n_scenes: int | None = None, methods=tuple(METHODS),
+             batch_size: int = 16, progress: bool = True) -> dict:
+    """Every column of the table for one model, on the first ``n_scenes`` scenes of ``scene_set``."""
+    from deco_models.recipes.shapes_mini import SCENE_SETS, caption_word_accuracy, grounding_accuracy
     from rgae.commands.demo import load_model
 
     t0 = time.perf_counter()
+    chosen = SCENE_SETS[scene_set]
+    scenes = chosen.scenes(n_scenes)
     model, processor = load_model(name)
     row = {"model": name, "projector": model.config.projector_type,
-           "image_tokens": int(model.config.num_image_tokens), "scenes": len(scenes)}
-    row["caption"] = caption_accuracy(model, processor, scenes)
+           "image_tokens": int(model.config.num_image_tokens), "scenes": chosen.describe(len(scenes))}
+    caption = caption_word_accuracy(model, processor, len(scenes), seed=chosen.seed)
+    row["caption"] = {"value": caption["color_shape"], "low": caption["color_shape_interval"][0],
+                      "high": caption["color_shape_interval"][1]}
     row.update(task_quality(model, processor, scenes, batch_size=batch_size, progress=progress))
+    grounding = grounding_accuracy(model, processor, len(scenes), seed=chosen.seed, batch_size=batch_size)
+    row["grounding_acc50"] = {"value": grounding["acc50"], "low": grounding["acc50_interval"][0],
+                              "high": grounding["acc50_interval"][1]}
+    row["grounding"] = grounding
     row["pointing"] = explanation_quality(model, processor, scenes, methods=methods, progress=progress)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def markdown_table(rows: list[dict], methods=tuple(METHODS)) -> str:
-    def f(v):
-        return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+    from deco_models.eval.intervals import describe
 
     head = ["model", "tokens", "caption", "VQA", "POPE F1", "Acc@0.5", *[f"PG {m}" for m in methods], "PG random",
             "words", "Q2P locality", "Q2P redundancy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pg = r["pointing"]
-        cells = [r["model"], str(r["image_tokens"]), f(r["caption"]), f(r["vqa"]), f(r["pope"].get("f1")),
-                 f(r["grounding_acc50"]), *[f(pg.get(m)) for m in methods], f(pg["random"]), str(pg["n_words"]),
-                 f(pg.get("q2p_locality")), f(pg.get("q2p_redundancy"))]
+        cells = [r["model"], str(r["image_tokens"]), describe(r["caption"]), describe(r["vqa"]), describe(r["pope_f1"]),
+                 describe(r["grounding_acc50"]), *[describe(pg.get(m)) for m in methods], describe(pg["random"]),
+                 str(pg["n_words"]), describe(pg.get("q2p_locality")), describe(pg.get("q2p_redundancy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deco_models.recipes.shapes_mini import EVAL_SETS, SCENE_SETS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="zoo names (default: deco_models.zoo.available())")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test; numbers mean nothing)")
-    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes (default 100)")
+    parser.add_argument("--set", default="test", choices=EVAL_SETS, dest="scene_set",
+                        help="scene set (default test; validation is the one every choice was made on)")
+    parser.add_argument("--scenes", type=int, default=None, help="scenes of the set (default: all of it, 200)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     parser.add_argument("--out", default="shapes_table.md", help="markdown output (a .json is written beside it)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.scenes < 1:
-        parser.error("--scenes must be >= 1")
+    available = SCENE_SETS[args.scene_set].size
+    if args.scenes is not None and not 1 <= args.scenes <= available:
+        parser.error(f"--scenes must be in 1..{available} (the {args.scene_set} set's size)")
 
-    from deco_models.data import shapes
-    from deco_models.recipes.shapes_mini import HELDOUT_SEED
     from rgae.commands.demo import TINY_PROJECTORS
 
     models = args.models
@@ -204,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         print("shapes_table: no shapes-mini models are installed; train them with `deco train --recipe shapes-mini` "
               "or run with --tiny for a smoke test.", file=sys.stderr)
         return 2
-    scenes = [shapes.generate_scene((HELDOUT_SEED, i), max_objects=3) for i in range(args.scenes)]
-    rows = [evaluate(name, scenes, methods=tuple(args.methods), batch_size=args.batch_size,
+    rows = [evaluate(name, args.scene_set, args.scenes, methods=tuple(args.methods), batch_size=args.batch_size,
                      progress=not args.no_progress) for name in models]
     table = markdown_table(rows, tuple(args.methods))
-    note = (f"Held-out shapes scenes: {args.scenes} (seed {HELDOUT_SEED}); PG = pointing game (center of the top "
-            f"patch) on caption color/shape words whose object is unique in the scene; Q2P = projector diagnostics "
-            f"of R-GAE's Query-to-Patch map (best-window mass, mean cosine similarity between queries).")
+    from deco_models.eval import intervals
+
+    chosen = rows[0]["scenes"]
+    note = (f"Shapes {chosen['set']} scenes: {chosen['n_scenes']} (seed {chosen['seed']}); each cell is the value "
+            f"and its {intervals.LEVEL:.0%} bootstrap interval over scenes ({intervals.RESAMPLES} resamples, seed "
+            f"{intervals.SEED}); PG = pointing game (center of the "
+            f"top patch) on caption color/shape words whose object is unique in the scene; Q2P = projector "
+            f"diagnostics of R-GAE's Query-to-Patch map (best-window mass, mean cosine similarity between queries).")
     print(table)
     print()
     print(note)

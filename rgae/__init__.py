@@ -7,7 +7,7 @@ figures live in :mod:`rgae.viz`.
 
 __version__ = "0.1.0"
 
-__all__ = ["Explanation", "__version__"]
+__all__ = ["Explanation", "ExplanationStore", "__version__"]
 
 
 def __getattr__(name):
@@ -21,4 +21,8 @@ def __getattr__(name):
         from rgae import methods
 
         return getattr(methods, name)
+    if name == "ExplanationStore":
+        from rgae.datasets.store import ExplanationStore
+
+        return ExplanationStore
     raise AttributeError(f"module 'rgae' has no attribute {name!r}")

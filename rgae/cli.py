@@ -7,7 +7,7 @@ import sys
 from rgae.cli_base import build_parser as _build_parser
 from rgae.cli_base import run
 
-COMMANDS = ("demo", "explain")
+COMMANDS = ("demo", "explain", "explain-dataset", "evaluate", "explore")
 
 
 def build_parser():

@@ -106,7 +106,7 @@ def build_parser(prog: str, description: str, version: str, package: str, comman
     parser.add_argument("--version", action="version", version=f"{prog} {version}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in commands:
-        importlib.import_module(f"{package}.{name}").add_parser(sub)
+        importlib.import_module(f"{package}.{name.replace('-', '_')}").add_parser(sub)  # explain-dataset
         command = sub.choices[name]
         if "--verbose" not in command._option_string_actions:
             command.add_argument("-v", "--verbose", action="store_true",

@@ -44,6 +44,9 @@ _TENSOR_FIELDS = (
     "image_positions",
 )
 
+#: Query-to-Patch maps: stored sparsely when that is smaller (a structural map has a few entries per row).
+_SPARSE_FIELDS = ("query_to_patch", "layout.query_to_patch")
+
 # SentencePiece ("▁") and byte-level BPE ("Ġ") mark the start of a word on the token itself.
 _WORD_START_MARKERS = ("▁", "Ġ", " ")
 
@@ -245,12 +248,15 @@ class Explanation:
         return self.query_values(token, word).reshape(self.query_grid)
 
     # ---- persistence -------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file)."""
-        from safetensors.torch import save_file
+    def to_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(metadata, tensors)``: the JSON-serializable fields and the tensors (CPU, contiguous, never sharing
+        storage) that :meth:`save` writes and :meth:`from_parts` reads back; explanation stores keep many of them
+        in one file.
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        The Query-to-Patch maps (the explanation's and the layout's) are stored sparsely — the flat indices and
+        values of their non-zero entries — when that is smaller than the dense tensor, and the explanation's only
+        once when it equals the layout's (the structural rules): a LLaVA-OneVision-sized layout's ``[M, N]`` map is
+        ~7000 × 7300 mostly zeros. :meth:`from_parts` restores them exactly."""
         tensors = {}
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
@@ -270,6 +276,37 @@ class Explanation:
             tensors["layout.placeholder"] = self.layout.placeholder.clone()
             if self.layout.query_to_patch is not None:
                 tensors["layout.query_to_patch"] = self.layout.query_to_patch.detach().cpu().clone()
+        meta["storage"] = _pack_maps(tensors)
+        return meta, tensors
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> Explanation:
+        """The explanation of :meth:`to_parts`' ``(metadata, tensors)`` (neither argument is modified)."""
+        meta, tensors = dict(meta), dict(tensors)
+        _unpack_maps(tensors, meta.pop("storage", None))
+        image = tensors.pop("image", None)
+        layout_meta = meta.pop("layout", None)
+        layout = None
+        if layout_meta is not None:
+            layout = ImageLayout.from_dict(
+                layout_meta,
+                tensors.pop("layout.positions"),
+                tensors.pop("layout.query_to_patch", None),
+                tensors.pop("layout.placeholder", None),
+            )
+        for key in ("patch_grid", "query_grid"):
+            if meta.get(key) is not None:
+                meta[key] = tuple(meta[key])
+        return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` as a folder with ``tensors.safetensors`` and ``explanation.json`` (atomic per file;
+        Query-to-Patch maps stored sparsely, :meth:`to_parts`)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta, tensors = self.to_parts()
         atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
         atomic_write(path / "explanation.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return path
@@ -285,22 +322,7 @@ class Explanation:
             raise FileNotFoundError(
                 f"{path} is not a saved Explanation (expected explanation.json and tensors.safetensors)"
             )
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(str(tensor_file))
-        image = tensors.pop("image", None)
-        layout_meta = meta.pop("layout", None)
-        layout = None
-        if layout_meta is not None:
-            layout = ImageLayout.from_dict(
-                layout_meta,
-                tensors.pop("layout.positions"),
-                tensors.pop("layout.query_to_patch", None),
-                tensors.pop("layout.placeholder", None),
-            )
-        for key in ("patch_grid", "query_grid"):
-            if meta.get(key) is not None:
-                meta[key] = tuple(meta[key])
-        return cls(**meta, **tensors, image=None if image is None else image.numpy(), layout=layout)
+        return cls.from_parts(json.loads(meta_file.read_text()), load_file(str(tensor_file)))
 
     # ---- display -----------------------------------------------------------------------------------------
     def plot(self, kind: str = "decomposition", **kwargs):
@@ -337,6 +359,43 @@ class Explanation:
             f"Explanation(method={self.method!r}, target={self.target_text!r}, tokens={len(self.output_tokens)}, "
             f"patch_grid={self.patch_grid}{q}, projector={self.projector_type!r})"
         )
+
+
+def _pack_maps(tensors: dict) -> dict:
+    """Replace the Query-to-Patch maps in ``tensors`` (in place) by their sparse parts where that is smaller, and the
+    explanation's by a reference when it equals the layout's; returns the JSON record :func:`_unpack_maps` reads."""
+    record = {"sparse": {}, "same_as_layout": []}
+    own, structural = tensors.get("query_to_patch"), tensors.get("layout.query_to_patch")
+    if own is not None and structural is not None and own.dtype == structural.dtype and torch.equal(own, structural):
+        del tensors["query_to_patch"]
+        record["same_as_layout"].append("query_to_patch")
+    for name in _SPARSE_FIELDS:
+        value = tensors.get(name)
+        if value is None:
+            continue
+        flat = value.reshape(-1)
+        nonzero = flat.nonzero().flatten()
+        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+        if nonzero.numel() * (index_dtype.itemsize + value.element_size()) >= flat.numel() * value.element_size():
+            continue  # dense is smaller
+        del tensors[name]
+        tensors[f"{name}.index"] = nonzero.to(index_dtype)
+        tensors[f"{name}.values"] = flat[nonzero].contiguous()
+        record["sparse"][name] = list(value.shape)
+    return record
+
+
+def _unpack_maps(tensors: dict, record: dict | None) -> None:
+    """Undo :func:`_pack_maps` in ``tensors`` (in place); ``record`` None: a file written before sparse storage."""
+    if not record:
+        return
+    for name, shape in record.get("sparse", {}).items():
+        index, values = tensors.pop(f"{name}.index"), tensors.pop(f"{name}.values")
+        dense = torch.zeros(int(np.prod(shape)), dtype=values.dtype)
+        dense[index.long()] = values
+        tensors[name] = dense.reshape(shape)
+    for name in record.get("same_as_layout", []):
+        tensors[name] = tensors["layout.query_to_patch"]  # one tensor for both, as R-GAE makes them
 
 
 def _word_ids_from_tokens(tokens: list[str]) -> list[int]:

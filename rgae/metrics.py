@@ -44,6 +44,7 @@ __all__ = [
     "image_point",
     "image_pointing_game",
     "insertion_deletion",
+    "layout_patch_centers",
     "layout_random_pointing",
     "patch_boxes",
     "perturbation_curve",
@@ -67,7 +68,8 @@ __all__ = [
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy().astype(np.float64)
+        # Straight to float64: image maps are rendered in float64, and a float32 detour would merge near-ties.
+        return x.detach().cpu().to(torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -310,10 +312,16 @@ def image_energy_in_box(image_map, box) -> float:
     return 0.0 if total <= 0 else float(arr[_box_mask(arr.shape, box)].sum() / total)
 
 
-def layout_random_pointing(layout, box) -> float:
-    """Expected pointing-game hit rate of a uniformly random top patch of ``layout`` (every view's patches): the
-    fraction of patches whose center, within the image, lies in ``box`` (original-image pixels)."""
-    x0, y0, x1, y1 = _check_box(box)
+def layout_patch_centers(layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x [N], y [N], visible [N])``: where each patch of ``layout`` (every view's) points in the original image —
+    the center of its part inside the image, as :func:`image_point` finds it — and whether any of it is inside.
+
+    Example:
+        >>> from rgae.layout import ImageLayout, View
+        >>> layout = ImageLayout((4, 8), (View("image", (1, 2), (0, -4, 8, 4)),), [0])  # padded above
+        >>> [a.tolist() for a in layout_patch_centers(layout)]
+        [[2.0, 6.0], [2.0, 2.0], [True, True]]
+    """
     boxes = layout.patch_boxes().numpy()
     h, w = layout.image_size
     # A patch partly on padding points at the center of its part inside the image (as image_point does).
@@ -321,6 +329,14 @@ def layout_random_pointing(layout, box) -> float:
     cy = (np.clip(boxes[:, 1], 0, h) + np.clip(boxes[:, 3], 0, h)) / 2
     visible = (np.clip(boxes[:, 2], 0, w) > np.clip(boxes[:, 0], 0, w)) & (
         np.clip(boxes[:, 3], 0, h) > np.clip(boxes[:, 1], 0, h))
+    return cx, cy, visible
+
+
+def layout_random_pointing(layout, box) -> float:
+    """Expected pointing-game hit rate of a uniformly random top patch of ``layout`` (every view's patches): the
+    fraction of patches whose center, within the image, lies in ``box`` (original-image pixels)."""
+    x0, y0, x1, y1 = _check_box(box)
+    cx, cy, visible = layout_patch_centers(layout)
     hit = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1) & visible
     return float(hit.sum() / max(int(visible.sum()), 1))
 

@@ -144,6 +144,9 @@ def test_shapes_table_smoke(tmp_path, capsys):
     table = out.read_text()
     assert "| tiny-avgpool2_36 | 36 |" in table and "PG rgae" in table and "PG random" in table
     (row,) = json.loads(out.with_suffix(".json").read_text())
-    assert 0 <= row["caption"] <= 1 and 0 <= row["grounding_acc50"] <= 1 and "f1" in row["pope"]
-    assert row["pointing"]["n_words"] > 0 and 0 < row["pointing"]["random"] < 1
+    assert row["scenes"]["set"] == "test" and row["scenes"]["n_scenes"] == 2
+    for cell in (row["caption"], row["grounding_acc50"], row["pope_f1"], row["pointing"]["rgae"]):
+        assert 0 <= cell["low"] <= cell["value"] <= cell["high"] <= 1, cell
+    assert row["pope_f1"]["value"] == pytest.approx(row["pope"]["f1"])
+    assert row["pointing"]["n_words"] > 0 and 0 < row["pointing"]["random"]["value"] < 1
     assert "| tiny-avgpool2_36 |" in capsys.readouterr().out

@@ -205,6 +205,18 @@ def _relations(objects: list[ShapeObject]) -> list[dict]:
     return rels
 
 
+def layout_key(scene: Scene) -> tuple:
+    """What makes two scenes the same content: the objects (shape, color, size, exact pixel box), left to right.
+    Two scenes with equal keys differ only in background and shading noise, so a key shared by a training scene and
+    an evaluation scene is a leak even when the pixels differ.
+
+    Example:
+        >>> layout_key(generate_scene((7, 3), n_objects=1)) == layout_key(generate_scene((7, 3), n_objects=1))
+        True
+    """
+    return tuple((o.shape, o.color, o.size, *o.box) for o in scene.objects)
+
+
 def patch_labels(scene: Scene, min_fraction: float = 0.2) -> np.ndarray:
     """Per-patch multi-label targets ``float32 [GRID*GRID, len(PATCH_LABELS)]`` (row-major patches): a color/shape
     label is on when an object with it covers at least ``min_fraction`` of the patch.

@@ -8,6 +8,14 @@ Layout: GotOcr2's crop-to-patches (as InternVL, :func:`rgae.adapters.tiling.crop
 row-major, then the global image; one view for an image that fits one tile. In the prompt each tile's
 ``<|IMG_PATCH|>`` tokens follow a ``TILE_k`` text tag and the global image's a ``TILE_GLOBAL`` tag; the tags are plain
 text (several tokens with some tokenizers), so they are not part of the layout — only the image-patch tokens are.
+
+Example (the projector's own ``pixel_shuffle`` on patch indices: the 2×2 blocks of a 4×4 grid):
+    >>> from types import SimpleNamespace
+    >>> from transformers.models.aya_vision.modeling_aya_vision import AyaVisionMultiModalProjector
+    >>> from rgae.adapters.blocks import blocks_from_packed, patch_indices
+    >>> projector = SimpleNamespace(downsample_factor=2)  # what pixel_shuffle reads of the projector
+    >>> blocks_from_packed(AyaVisionMultiModalProjector.pixel_shuffle(projector, patch_indices((4, 4))), 16).tolist()
+    [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 """
 
 from __future__ import annotations

@@ -228,6 +228,23 @@ class ModelAdapter:
         rule = "pooling" if kind == "avgpool" else "gradient"
         return pooling_map(self.patch_grid, self.query_grid, dtype=torch.float64), rule
 
+    def connector_patch_rows(self, layout: ImageLayout) -> torch.Tensor:
+        """``[R]`` long: which layout patch each row of the connector's input is (``-1``: a row that is no patch, such
+        as a kept CLS token or padding). For the gradient Query-to-Patch rule within a structural map
+        (``RGAE.attribute(..., q2p_rule="gradient")``), which weighs each patch by its features.
+
+        The connector's input is the projector's (what :class:`~rgae.methods.rgae.ProjectorIO` records) viewed as
+        ``[R, C]``: one patch's feature vector per row. Default: per view, in layout order, its ``feature_prefix``
+        non-patch rows then its patches row-major — the projector input ``[views, prefix + patches, C]`` of the
+        Llava pattern. A projector whose input already concatenates the patches of each token (InternVL's, after the
+        model's ``pixel_shuffle``) overrides it; its rows are then the ``C``-channel slices of every token.
+        """
+        rows = []
+        for i in range(len(layout.views)):
+            patches = torch.arange(layout.view_slice(i).start, layout.view_slice(i).stop)
+            rows += [torch.full((self.feature_prefix,), -1, dtype=torch.long), patches]
+        return torch.cat(rows)
+
     def layout(self, processor, batch, image_size: tuple[int, int]) -> ImageLayout:
         """The :class:`~rgae.layout.ImageLayout` of one image in ``batch`` (the processor's output for one prompt):
         a single view over the patch grid, the image tokens at ``image_token_id``."""

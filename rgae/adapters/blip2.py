@@ -13,11 +13,18 @@ no pixel box: its column of ``R_qk`` is dropped from Text-to-Patch, and the shar
 is reported in ``Explanation.options["non_patch_share"]`` (one value per target token). RawAttention and
 AttentionRollout read Query-to-Patch from the last cross-attention layer, CLS column dropped likewise.
 
-Example:
+Example (a tiny random BLIP-2 with OPT; a two-layer Q-Former cross-attending in its first layer):
+    >>> from transformers import Blip2Config, Blip2ForConditionalGeneration
     >>> from rgae.adapters import get_adapter
-    >>> adapter = get_adapter(blip2_model)  # doctest: +SKIP
-    >>> adapter.projector_kind, [kind for kind, _ in adapter.projector_attention][:2]  # doctest: +SKIP
-    ('qformer', ['self', 'cross'])
+    >>> small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    >>> config = Blip2Config(vision_config=dict(small, image_size=32, patch_size=8),
+    ...                      qformer_config=dict(small, encoder_hidden_size=16),
+    ...                      text_config=dict(model_type="opt", hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
+    ...                                       num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
+    ...                      num_query_tokens=4, image_token_id=5)
+    >>> adapter = get_adapter(Blip2ForConditionalGeneration(config))
+    >>> adapter.projector_kind, [kind for kind, _ in adapter.projector_attention], adapter.feature_prefix
+    ('qformer', ['self', 'cross', 'self'], 1)
 """
 
 from __future__ import annotations

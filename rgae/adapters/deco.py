@@ -1,5 +1,11 @@
 """Adapter for ``deco_models.DecoForConditionalGeneration``: stock Llava plus a projector from the zoo, which says
-its own kind, query grid and (for the Q-Former) its attention layers."""
+its own kind, query grid and (for the Q-Former) its attention layers.
+
+The family is found by the config's ``model_type`` (rgae does not import deco_models to know its classes):
+    >>> from types import SimpleNamespace
+    >>> FAMILY.rank(SimpleNamespace(config=SimpleNamespace(model_type="deco")))  # -1: before any class match
+    -1
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,14 @@ placeholders of the layout: they are part of the image block the LLM reads but c
 frame's box is its content's region of the image extended over the padding, so padded patches fall outside the
 image and carry no relevance; the vision tower masks them in attention. Frames that are entirely zero are batch
 padding that the model drops; they are not views.
+
+Example (a 32×32 frame whose top 16 rows show the 40×24 global image; the rest is padding below it):
+    >>> frame_box((0.0, 0.0, 40.0, 24.0), content_hw=(16, 32), frame_hw=(32, 32))
+    (0.0, 0.0, 40.0, 48.0)
+    >>> from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+    >>> from rgae.adapters.blocks import blocks_from_packed, patch_indices
+    >>> blocks_from_packed(Idefics3Connector.pixel_shuffle(None, patch_indices((4, 4)), 2), 16)[:2].tolist()
+    [[0, 1, 4, 5], [2, 3, 6, 7]]
 """
 
 from __future__ import annotations

@@ -8,10 +8,18 @@ through that stack with the instruction tokens as part of the self-attention str
 from the queries in one layer and hand it back to them in a later one, and they take part in the row normalization
 of every cross-attention rule (``RGAE._qformer_q2p``; tests check it against a float64 oracle written out there).
 
-Example:
+Example (a tiny random InstructBLIP with Llama, 4 queries):
+    >>> from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
     >>> from rgae.adapters import get_adapter
-    >>> get_adapter(instructblip_model).projector_type  # doctest: +SKIP
-    'instructblip_qformer2_32'
+    >>> small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    >>> config = InstructBlipConfig(vision_config=dict(small, image_size=32, patch_size=8),
+    ...                             qformer_config=dict(small, encoder_hidden_size=16),
+    ...                             text_config=dict(model_type="llama", hidden_size=16, intermediate_size=32,
+    ...                                              num_hidden_layers=1, num_attention_heads=2,
+    ...                                              num_key_value_heads=2, vocab_size=64),
+    ...                             num_query_tokens=4, image_token_id=5)
+    >>> get_adapter(InstructBlipForConditionalGeneration(config)).projector_type
+    'instructblip_qformer2_4'
 """
 
 from __future__ import annotations

@@ -9,6 +9,25 @@ chosen by ``get_optimal_tiled_canvas`` (the image processor's own function, with
 and cuts it into tiles; with more than one tile it appends a thumbnail (the whole image resized to one tile). The
 views are the tiles, row-major, then the thumbnail; a single-tile image is one view over the whole image. Each view's
 ``image_seq_length`` ``<IMG_CONTEXT>`` tokens follow the view order, so token k belongs to view ``k // per_view``.
+
+Example (a tiny random model: 32-px tiles of 8-px patches; the model's own ``pixel_shuffle`` gives the blocks, and
+the projector input's rows — C-channel slices of each token — map to them view after view):
+    >>> import torch
+    >>> from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    >>> from rgae.adapters import get_adapter
+    >>> from rgae.layout import ImageLayout, View
+    >>> vision = InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                               num_attention_heads=2, image_size=32, patch_size=8)
+    >>> text = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                    num_key_value_heads=2, vocab_size=64)
+    >>> adapter = get_adapter(InternVLForConditionalGeneration(InternVLConfig(vision_config=vision,
+    ...                                                                       text_config=text, image_token_id=5)))
+    >>> adapter.query_grid, adapter.token_blocks()[:2].tolist()
+    ((2, 2), [[0, 1, 4, 5], [2, 3, 6, 7]])
+    >>> layout = ImageLayout((24, 40), (View("tile 0,0", (4, 4), (0, 0, 20, 24)),
+    ...                                 View("thumbnail", (4, 4), (0, 0, 40, 24))), torch.arange(8))
+    >>> adapter.connector_patch_rows(layout)[12:20].tolist()  # the first view's last token, the thumbnail's first
+    [10, 11, 14, 15, 16, 17, 20, 21]
 """
 
 from __future__ import annotations
@@ -59,6 +78,12 @@ class InternVLAdapter(CropToPatchesAdapter):
         grid = patch_indices(self.patch_grid).reshape(1, rows, cols, 1)
         packed = inner.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return blocks_from_packed(packed.reshape(1, -1, packed.shape[-1]), rows * cols)
+
+    def connector_patch_rows(self, layout):
+        """The projector's input is ``[views, tokens, s²·C]`` (after the model's ``pixel_shuffle``): row
+        ``(view, token, j)``, the ``j``-th ``C``-channel slice of a token, is the ``j``-th patch of its block."""
+        blocks = self.token_blocks().flatten()
+        return torch.cat([layout.view_slice(v).start + blocks for v in range(len(layout.views))])
 
     def layout(self, processor, batch, image_size):
         tiles = tuple(batch["pixel_values"].shape[-2:])

@@ -1,5 +1,18 @@
 """Adapter for stock transformers ``LlavaForConditionalGeneration`` (llava-hf checkpoints): an MLP projector, so
-query i is patch i (Query-to-Patch is the identity)."""
+query i is patch i (Query-to-Patch is the identity).
+
+Example (a tiny random llava-hf model: CLIP has a CLS token, which the default feature strategy drops):
+    >>> from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    >>> from rgae.adapters import get_adapter
+    >>> vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                           image_size=32, patch_size=8)
+    >>> text = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                    num_key_value_heads=2, vocab_size=64)
+    >>> adapter = get_adapter(LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+    ...                                                                  image_token_id=5)))
+    >>> adapter.patch_grid, adapter.vision_prefix, adapter.feature_prefix, adapter.static_query_to_patch()[1]
+    ((4, 4), 1, 0, 'identity')
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,18 @@ prompt holds the image's tokens row by row, each row of ``w/(patch·merge)`` ``[
 Several images in one prompt are packed into one vision sequence, each image attending only to itself (a
 block-diagonal mask), and their tokens follow each other in the prompt; an explanation is of one image, so the
 layout refuses ``image_sizes`` with more than one row.
+
+Example (a tiny random model; a 16×32 model image is 2×4 patches of 8 px, merged 2×2 into two tokens):
+    >>> from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    >>> from rgae.adapters import get_adapter
+    >>> vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                              image_size=32, patch_size=8, head_dim=8)
+    >>> text = MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                      num_key_value_heads=2, vocab_size=64, head_dim=8)
+    >>> adapter = get_adapter(Mistral3ForConditionalGeneration(Mistral3Config(vision_config=vision, text_config=text,
+    ...                                                                       image_token_id=5)))
+    >>> adapter.token_blocks((16, 32)).tolist()
+    [[0, 1, 4, 5], [2, 3, 6, 7]]
 """
 
 from __future__ import annotations

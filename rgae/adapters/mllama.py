@@ -15,9 +15,18 @@ key indices (``0 .. K-1``), one view per real tile, and Query-to-Patch is the id
 projector on each real tile's patch tokens (CLS tokens and padding tiles are placeholders: no pixel box).
 ``through_vision=True`` is not supported yet (several views).
 
-Example:
+Example (a tiny random Mllama whose text layer 1 is a cross-attention layer):
+    >>> from transformers import MllamaConfig, MllamaForConditionalGeneration
     >>> from rgae.adapters import get_adapter
-    >>> get_adapter(mllama_model).llm_attention_kinds  # doctest: +SKIP
+    >>> config = MllamaConfig(
+    ...     vision_config=dict(hidden_size=16, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+    ...                        intermediate_size=32, image_size=16, patch_size=8, max_num_tiles=4,
+    ...                        intermediate_layers_indices=[0], vision_output_dim=32),
+    ...     text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+    ...                      num_key_value_heads=2, intermediate_size=32, cross_attention_layers=[1],
+    ...                      bos_token_id=1, eos_token_id=2, pad_token_id=3),
+    ...     image_token_index=5)
+    >>> get_adapter(MllamaForConditionalGeneration(config)).llm_attention_kinds
     ('self', 'cross', 'self')
 """
 
@@ -63,6 +72,12 @@ class MllamaAdapter(ModelAdapter):
                 f"give {(rows, cols)}: cannot place the tiles"
             )
         return (rows, cols), (int(new_h), int(new_w)), tile
+
+    def connector_patch_rows(self, layout):
+        """The projector's input rows are the cross-attention keys (tiles × (CLS + patches)): key k is the patch
+        its identity Query-to-Patch row names, ``-1`` for CLS tokens and padding tiles."""
+        q2p = layout.query_to_patch
+        return torch.where(q2p.any(1), q2p.argmax(1), torch.full((q2p.shape[0],), -1))
 
     def layout(self, processor, batch, image_size: tuple[int, int]) -> ImageLayout:
         (rows, cols), (new_h, new_w), tile = self.tiling(processor, batch, image_size)

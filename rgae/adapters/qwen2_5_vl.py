@@ -10,6 +10,12 @@ the merger's output is put back in raster block order before the LLM. So the lay
 is Qwen2-VL's, and only the vision attention sequence differs: :meth:`Qwen2_5_VLAdapter.attention_order` reads the
 window order from the model's own ``get_vision_window_index``, so that ``through_vision`` maps the captured
 (window-ordered) vision attention back to raster patches.
+
+Example:
+    >>> from rgae.adapters import families
+    >>> family = next(f for f in families() if f.name == "qwen2.5-vl")
+    >>> "Qwen2_5_VLForConditionalGeneration" in family.model_classes, family.query_to_patch is not None
+    (True, True)
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ features concatenated (consecutive in the vision sequence) and a 2-layer MLP per
 uniform over its block (rule ``"block"``). Layout: one view per image at its own resolution (14-px patches, resized to
 multiples of 28 px); the vision sequence is in merge-block order, split per image by ``cu_seqlens``
 (:mod:`rgae.adapters.qwen_vl_base`).
+
+Example:
+    >>> from rgae.adapters import families
+    >>> family = next(f for f in families() if f.name == "qwen2-vl")
+    >>> "Qwen2VLForConditionalGeneration" in family.model_classes, family.query_to_patch is not None
+    (True, True)
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ positions after the first ``len(deepstack_visual_indexes)`` decoder layers. How 
   k's features for DeepStack merger k, the last layer's for the main merger) and split T2Q[q] among branches, which
   GAE's rules do not define: it is refused with a ValueError for models with DeepStack layers (a Qwen3-VL config
   with ``deepstack_visual_indexes=[]`` propagates like Qwen2-VL).
+
+Example:
+    >>> from rgae.adapters import families
+    >>> family = next(f for f in families() if f.name == "qwen3-vl")
+    >>> "Qwen3VLForConditionalGeneration" in family.model_classes, family.query_to_patch is not None
+    (True, True)
 """
 
 from __future__ import annotations

@@ -178,6 +178,14 @@ class QwenVLAdapter(ModelAdapter):
         """The tower tokens ``through_vision`` composes with: :meth:`vision_tokens`."""
         return self.vision_tokens(layout, inputs)
 
+    def connector_patch_rows(self, layout) -> torch.Tensor:
+        """Refused: the PatchMerger's input is the packed sequence of every image of the prompt in merge-block (and,
+        for Qwen2.5-VL, window) order, which Grad-CAM and ``q2p_rule="gradient"`` do not read yet."""
+        raise ValueError(
+            f"Grad-CAM and q2p_rule='gradient' are not supported yet for {type(self.model).__name__}: its connector "
+            "reads the packed vision sequence in merge-block order; use RGAE (structural block rule) or Occlusion"
+        )
+
     def vision_tokens(self, layout, inputs=None) -> torch.Tensor:
         """``[N]`` long: for every patch of ``layout`` (row-major), the index of its token in the vision tower's
         attention sequence: all images of the prompt packed (``inputs``, the explainer's prepared inputs, say which

@@ -1,5 +1,10 @@
 """Adapter for ``SmolVLMForConditionalGeneration`` (SmolVLM / SmolVLM2): Idefics3's connector, processor layout and
-adapter (:mod:`rgae.adapters.idefics3`) under SmolVLM's class names."""
+adapter (:mod:`rgae.adapters.idefics3`) under SmolVLM's class names.
+
+Example:
+    >>> FAMILY.build is idefics3_adapter, FAMILY.model_classes
+    (True, ('SmolVLMForConditionalGeneration',))
+"""
 
 from __future__ import annotations
 

@@ -120,6 +120,20 @@ def check_arguments(args: argparse.Namespace) -> dict:
                          "own answer")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty: give an instruction, or leave --prompt out for the default one")
+    options = method_options(args)
+    if args.vis_save_path is not None:
+        check_output_folder(args.vis_save_path, "--vis-save-path")
+    if args.html is not None:
+        check_output_file(args.html, "--html")
+    args.device = check_device(args.device)
+    if args.method in ("rgae", "occlusion"):
+        options["progress"] = True
+    return options
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The ``attribute(**options)`` that ``--max-new-tokens``, ``--through-vision`` and ``--layer`` give
+    ``--method`` (no progress bars); :class:`~rgae.cli_base.UsageError` for an option of another method."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     layer = parse_layer(args.layer)
@@ -127,20 +141,21 @@ def check_arguments(args: argparse.Namespace) -> dict:
         raise UsageError(f"--layer is an option of --method rawattn, not of {args.method}")
     if args.through_vision and args.method != "rgae":
         raise UsageError(f"--through-vision is an option of --method rgae, not of {args.method}")
-    if args.vis_save_path is not None:
-        check_output_folder(args.vis_save_path, "--vis-save-path")
-    if args.html is not None:
-        check_output_file(args.html, "--html")
-    args.device = check_device(args.device)
     options: dict = {"max_new_tokens": args.max_new_tokens}
     if args.method == "rgae":
         options["through_vision"] = args.through_vision
-        options["progress"] = True
     if layer is not None:
         options["layer"] = layer
-    if args.method == "occlusion":
-        options["progress"] = True
     return options
+
+
+def check_layer(model, layer) -> None:
+    """An integer ``--layer`` is one of the model's LLM layers (checked once the model is loaded)."""
+    if isinstance(layer, int):
+        n_layers = model.config.get_text_config().num_hidden_layers
+        if not -n_layers <= layer < n_layers:
+            raise UsageError(f"--layer {layer}: the model's LLM has {n_layers} layers "
+                             f"(use -{n_layers}..{n_layers - 1} or 'mean')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,12 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = check_arguments(args)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
-    layer = options.get("layer")
-    if isinstance(layer, int):
-        n_layers = model.config.get_text_config().num_hidden_layers
-        if not -n_layers <= layer < n_layers:
-            raise UsageError(f"--layer {layer}: the model's LLM has {n_layers} layers "
-                             f"(use -{n_layers}..{n_layers - 1} or 'mean')")
+    check_layer(model, options.get("layer"))
     cls = getattr(methods, METHODS[args.method])
     explainer = cls(model, processor, model_name=args.model)
     with user_errors(InputError):  # e.g. a text longer than the model's context: only the tokenizer can tell

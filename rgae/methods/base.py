@@ -188,20 +188,25 @@ class Explainer:
         if not pils:
             raise InputError("no image to explain")
         text = build_prompt(self.processor, prompt, self.adapter.prompt_template, n_images=len(pils))
-        shown = pils[0] if len(pils) == 1 else pils
-        try:
-            batch = self.processor(images=shown, text=text, return_tensors="pt")
-        except TypeError:
-            batch = self.processor(text=text, images=shown, return_tensors="pt")
+        batch, inputs = self.process(pils[0] if len(pils) == 1 else pils, text)
         input_ids = batch["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"explain one example at a time (batch size 1); the processor gave {input_ids.shape[0]}")
         layouts = self.adapter.image_layouts(self.processor, batch, [(p.height, p.width) for p in pils])
+        return text, input_ids.to(self.device), inputs, layouts, [np.array(p, dtype=np.uint8) for p in pils]
+
+    def process(self, pil, text: str) -> tuple:
+        """``(the processor's output, the model inputs it gives on the model's device and dtype)`` for one PIL image
+        (or a list of them) and a rendered prompt."""
+        try:
+            batch = self.processor(images=pil, text=text, return_tensors="pt")
+        except TypeError:
+            batch = self.processor(text=text, images=pil, return_tensors="pt")
         inputs = {}
         for key, value in self.adapter.model_inputs(batch).items():
             value = value.to(self.device)
             inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return text, input_ids.to(self.device), inputs, layouts, [np.array(p, dtype=np.uint8) for p in pils]
+        return batch, inputs
 
     def tokenize_target(self, target: str) -> tuple[torch.Tensor, list[int] | None]:
         if not isinstance(target, str):

@@ -11,6 +11,16 @@ everywhere with the objects as dips, so min–max display drew the background ho
 "inverted" look). Centering removes only that location-independent constant; the differences between patches are
 Grad-CAM's own. ``center=False`` computes the uncentered original.
 
+The channel weights average the gradient over the projector input's rows of the view — its patches and a CLS token
+the projector reads (BLIP-2's Q-Former, ``vision_feature_select_strategy="full"``); the centering and the map are over
+the patches only.
+
+Models that see the image as several views (tiles, a thumbnail or global image, anyres base + tiles): every view is
+one feature map of the vision tower, so each gets its own channel weights and centering
+(:meth:`~rgae.adapters.ModelAdapter.connector_patch_rows` says which rows of the connector's input are which layout
+patch; a CLS token belongs to the view whose patches follow it, padding tiles to none). The maps are on the layout's
+patches, so ``Explanation.image_map`` draws them over the original image, every view warped to its region.
+
 Example:
     >>> from rgae.methods import GradCAM
     >>> GradCAM(model, processor).attribute(image, target="a cat").patch_map().shape  # doctest: +SKIP
@@ -28,13 +38,15 @@ from rgae.methods.rgae import ProjectorIO
 
 
 class GradCAM(Explainer):
-    """``attribute(image, target=None, prompt=None, center=True)``: per-token Grad-CAM maps ``[T, N]``."""
+    """``attribute(image, target=None, prompt=None, center=True)``: per-token Grad-CAM maps ``[T, N]`` (N: the
+    patches of every view)."""
 
     method = "gradcam"
 
     def _attribute(self, inputs: PreparedInputs, center: bool = True, **unknown):
         if unknown:
             raise TypeError(f"unknown GradCAM options: {sorted(unknown)} (known: max_new_tokens, center)")
+        layout = inputs.layout
         io = ProjectorIO(self.adapter.projector, self.adapter.projector_input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(explain_mode(self.model))
@@ -42,24 +54,51 @@ class GradCAM(Explainer):
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
-            if feats.ndim != 3 or not inputs.layout.is_single_grid:
+            rows = self.adapter.connector_patch_rows(layout).to(feats.device)
+            if rows.numel() == 0 or feats.numel() % rows.numel():
                 raise ValueError(
-                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: it maps one patch grid from "
-                    f"projector input [1, tokens, channels], but this model's is {tuple(feats.shape)} over "
-                    f"{len(inputs.layout.views)} view(s) (tiles)"
+                    f"Grad-CAM is not supported yet for {type(self.model).__name__}: its connector's input "
+                    f"{tuple(feats.shape)} does not split into the {rows.numel()} patch rows of its "
+                    f"{len(layout.views)} view(s)"
                 )
-            activations = feats[0].detach()
+            activations = feats.detach().reshape(rows.numel(), -1)  # [R, C]: one patch's features per row
+            n_views = len(layout.views)
+            view, weight_view = _views_of_rows(layout, rows)
+            keep = view >= 0
             if center:
-                activations = activations - activations[self.adapter.feature_prefix :].mean(0, keepdim=True)
+                activations = activations - _per_view_mean(activations, view, n_views)[view.clamp(min=0)]
             target_logits = self.target_logits(logits, inputs, offset)
             maps = []
             for t in range(target_logits.numel()):
                 (grad,) = torch.autograd.grad(target_logits[t], feats, retain_graph=True, allow_unused=True)
-                if grad is None:
-                    maps.append(torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device))
-                    continue
-                weights = grad[0].mean(0)  # [C]: gradient averaged over the patch grid
-                maps.append(torch.relu(activations @ weights))
-        t2p = torch.stack(maps)[:, self.adapter.feature_prefix :]
-        return self.pack(inputs, text_to_patch=t2p, token_probs=self.token_probs(logits, inputs, offset),
-                         options={"layer": "vision_feature_layer", "center": bool(center)})
+                cam = torch.zeros(layout.n_patches, dtype=feats.dtype, device=feats.device)
+                if grad is not None:
+                    weights = _per_view_mean(grad.reshape(activations.shape), weight_view, n_views)
+                    per_row = torch.relu((activations * weights[view.clamp(min=0)]).sum(-1))
+                    cam[rows[keep]] = per_row[keep]
+                maps.append(cam)
+        return self.pack(inputs, text_to_patch=torch.stack(maps), token_probs=self.token_probs(logits, inputs, offset),
+                         options={"layer": "vision_feature_layer", "center": bool(center),
+                                  "views": "one weight vector and centering per view"})
+
+
+def _views_of_rows(layout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([R], [R])``: the view of each patch row (``-1`` for rows that are no patch: the centering's), and the view
+    whose channel weights each row enters: its own, and for a row that is no patch (a CLS token) the view of the
+    patches after it (``-1`` when none follow: padding tiles)."""
+    ends = torch.tensor([layout.view_slice(i).stop for i in range(len(layout.views))], device=rows.device)
+    view = torch.where(rows >= 0, torch.bucketize(rows, ends, right=True), torch.full_like(rows, -1))
+    patch_rows = (rows >= 0).nonzero().flatten()
+    following = torch.searchsorted(patch_rows, torch.arange(rows.numel(), device=rows.device))
+    has_next = following < patch_rows.numel()
+    weight_view = torch.full_like(rows, -1)
+    weight_view[has_next] = view[patch_rows[following[has_next]]]
+    return view, weight_view
+
+
+def _per_view_mean(values: torch.Tensor, view: torch.Tensor, n_views: int) -> torch.Tensor:
+    """``[views, C]``: the mean of ``values [R, C]`` over the rows of each view (``view [R]``, -1: none)."""
+    keep = view >= 0
+    sums = values.new_zeros(n_views, values.shape[1]).index_add_(0, view[keep], values[keep])
+    counts = torch.bincount(view[keep], minlength=n_views).clamp(min=1).to(values.dtype)
+    return sums / counts[:, None]

@@ -37,8 +37,9 @@ CAPTURES = ("interface", "eager")
 
 #: Targets whose gradients (w.r.t. the recorded attention outputs: one set is the size of those outputs, about a
 #: tenth of a forward's saved activations) the interface capture gathers before recomputing the probabilities once
-#: for all of them: the recompute costs about half as much per target as with one, for three extra sets held.
-GROUP_TARGETS = 4
+#: for all of them: each chunk of probabilities serves two targets, for one extra set held (four would hold three
+#: extra sets, which with q, k, v kept takes the peak past 1.5× the gradient floor's; bench/bench_memory.py).
+GROUP_TARGETS = 2
 
 
 def check_capture(capture) -> str:

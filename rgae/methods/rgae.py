@@ -12,7 +12,11 @@ graph; then, per target token t, one ``autograd.grad`` of the token's **raw logi
   - ``avgpool``: the pooling operator :func:`rgae.rules.pooling_map` (target-independent);
   - ``qformer``: GAE through the Q-Former's query self-attention and query→patch cross-attention layers
     (:func:`rgae.rules.propagate_cross_stack`) with this target's gradients, ``Q2P_t = R_qk``;
-  - ``maxpool`` / ``cabstractor`` / ``dabstractor`` (no attention to follow): the **gradient rule** below.
+  - ``maxpool`` / ``cabstractor`` / ``dabstractor`` (no attention to follow): the **gradient rule** below;
+  - the families' connectors (:mod:`rgae.adapters`): the layout's structural map (identity per view, pooling,
+    ``block`` for pixel shuffle / patch mergers, ``bilinear``); ``q2p_rule="gradient"`` splits it within its
+    support per target token by the gradient rule, with ``y`` the LLM's input embeddings and ``x`` the connector's
+    input rows mapped to patches (:class:`StructuralGradientSplit`).
 
 * ``through_vision=True``: the ViT's self-attention layers up to ``vision_feature_layer`` are propagated too
   (``R_vit = (I + Abar_k) ... (I + Abar_1)`` from this target's gradients), normalized with
@@ -56,16 +60,28 @@ class ProjectorIO:
     called with keywords only (BLIP-2's Q-Former reads the patches as ``encoder_hidden_states``).
 
     ``require_graph``: an output without a graph (frozen parameters, nothing upstream requires grad) is replaced by an
-    equal leaf that requires grad, so the target's gradient w.r.t. it exists.
+    equal leaf that requires grad, so the target's gradient w.r.t. it exists. ``leaf_input``: likewise for the input
+    (the gradient rule differentiates the LLM's input embeddings w.r.t. it).
     """
 
-    def __init__(self, projector, input_key: str | None = None, require_graph: bool = False):
+    def __init__(self, projector, input_key: str | None = None, require_graph: bool = False,
+                 leaf_input: bool = False):
         self.projector = projector
         self.input_key = input_key
         self.require_graph = require_graph
+        self.leaf_input = leaf_input
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
-        self._handle = None
+        self._handles = []
+
+    def _pre_hook(self, module, args, kwargs):
+        x = kwargs[self.input_key] if self.input_key else args[0]
+        if not torch.is_grad_enabled() or x.requires_grad:
+            return None
+        x = x.detach().requires_grad_(True)
+        if self.input_key:
+            return args, {**kwargs, self.input_key: x}
+        return (x, *args[1:]), kwargs
 
     def _hook(self, module, args, kwargs, out):
         self.input = kwargs[self.input_key] if self.input_key else args[0]
@@ -76,7 +92,31 @@ class ProjectorIO:
         return None
 
     def __enter__(self):
-        self._handle = self.projector.register_forward_hook(self._hook, with_kwargs=True)
+        if self.leaf_input:
+            self._handles.append(self.projector.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(self.projector.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class LanguageModelInput:
+    """Forward pre-hook keeping the ``inputs_embeds`` the language model receives (``[1, S, D]``, with its graph):
+    the connector's whole output as the LLM reads it, newline and placeholder tokens included."""
+
+    def __init__(self, language_model):
+        self.language_model = language_model
+        self.embeds: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        self.embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+
+    def __enter__(self):
+        self._handle = self.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
@@ -110,6 +150,104 @@ def gradient_rule_q2p(projector, features: torch.Tensor, grad_out: torch.Tensor,
     total = contrib.sum(-1, keepdim=True)
     return contrib / torch.where(total > 0, total, torch.ones_like(total))
 
+
+def disjoint_query_groups(support: torch.Tensor) -> list[torch.Tensor]:
+    """Queries grouped so that no two in a group share a patch (greedy colouring of the rows of ``support [M, N]``,
+    bool); queries without patches are left out. One group when every patch feeds at most one query (identity,
+    blocks, non-overlapping pooling); a few for overlapping windows (bilinear weights).
+
+    Example:
+        >>> support = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+        >>> [g.tolist() for g in disjoint_query_groups(support)]
+        [[0], [1, 3]]
+    """
+    support = support.bool()
+    if bool((support.sum(0) <= 1).all()):
+        used = support.any(1).nonzero().flatten()
+        return [used] if used.numel() else []
+    colors: list[list[int]] = []
+    taken: list[set[int]] = [set() for _ in range(support.shape[1])]  # per patch, the colours of its queries
+    patches_of = [row.nonzero().flatten().tolist() for row in support.cpu()]
+    for q, patches in enumerate(patches_of):
+        if not patches:
+            continue
+        busy = set().union(*(taken[p] for p in patches))
+        color = next(c for c in range(len(colors) + 1) if c not in busy)
+        if color == len(colors):
+            colors.append([])
+        colors[color].append(q)
+        for p in patches:
+            taken[p].add(color)
+    return [torch.tensor(c, dtype=torch.long) for c in colors]
+
+
+class StructuralGradientSplit:
+    """``q2p_rule="gradient"`` within a structural Query-to-Patch map: the gradient rule (module docs) with ``y`` the
+    LLM's input embeddings at the image positions (the connector's whole output, after newline/placeholder
+    insertion) and ``x`` the connector's input rows mapped to the layout's patches
+    (:meth:`~rgae.adapters.ModelAdapter.connector_patch_rows`):
+    ``Q2P_t[q, p] = (x_p · (J_qᵀ g_q)_p)+ / Σ_p' (x_p' · (J_qᵀ g_q)_p')+`` over the patches of q's structural
+    support (its block, pooling window, interpolation taps); placeholder tokens keep zero rows.
+
+    The queries of a group of :func:`disjoint_query_groups` share one vector-Jacobian product: with disjoint
+    supports, patch p's entry of ``J_Gᵀ g_G`` comes from the one query of the group whose support holds p (the
+    others do not depend on it), so one product per group gives every ``J_qᵀ g_q`` — one for a block connector.
+    """
+
+    def __init__(self, layout, patch_rows: torch.Tensor, features: torch.Tensor, embeds: torch.Tensor):
+        self.layout, self.features, self.embeds = layout, features, embeds
+        n_rows = int(patch_rows.numel())
+        if n_rows == 0 or features.numel() % n_rows:
+            raise ValueError(
+                f"the connector's input {tuple(features.shape)} does not split into the {n_rows} patch rows the "
+                "adapter's connector_patch_rows gives"
+            )
+        device = features.device
+        self.rows = patch_rows.to(device)
+        self.valid = self.rows >= 0
+        support = layout.query_to_patch != 0
+        self.groups = [g.to(device) for g in disjoint_query_groups(support)]
+        n = layout.n_patches
+        self.owner = torch.full((len(self.groups), n), -1, dtype=torch.long, device=device)
+        for i, queries in enumerate(self.groups):
+            q, p = support[queries.cpu()].nonzero(as_tuple=True)
+            self.owner[i, p.to(device)] = queries[q.to(device)]
+        self.positions = layout.positions.to(device)
+        self.x_rows = features.detach().reshape(n_rows, -1)
+
+    def __call__(self, grad_embeds: torch.Tensor | None) -> torch.Tensor:
+        """``[M, N]`` for one target from ``∂logit/∂inputs_embeds [1, S, D]`` (None: the target does not depend on
+        the image)."""
+        m, n = self.layout.n_tokens, self.layout.n_patches
+        dtype = self.x_rows.dtype
+        q2p = torch.zeros(m, n, dtype=dtype, device=self.x_rows.device)
+        if grad_embeds is None or not self.groups:
+            return q2p
+        cot = grad_embeds.new_zeros(len(self.groups), *self.embeds.shape)
+        for i, queries in enumerate(self.groups):
+            pos = self.positions[queries]
+            cot[i, 0, pos] = grad_embeds[0, pos]
+        try:
+            (vj,) = torch.autograd.grad(self.embeds, self.features, grad_outputs=cot, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: one vector-Jacobian product per group
+            vj = [torch.autograd.grad(self.embeds, self.features, grad_outputs=c, retain_graph=True,
+                                      allow_unused=True)[0] for c in cot]
+            vj = None if vj[0] is None else torch.stack(vj)
+        if vj is None:
+            return q2p
+        row_contrib = (vj.reshape(len(self.groups), *self.x_rows.shape) * self.x_rows).sum(-1)  # [G, R]
+        contrib = row_contrib.new_zeros(len(self.groups), n)
+        contrib[:, self.rows[self.valid]] = row_contrib[:, self.valid]
+        g, p = (self.owner >= 0).nonzero(as_tuple=True)
+        q2p[self.owner[g, p], p] = contrib[g, p].to(dtype)
+        q2p = q2p.clamp(min=0)
+        total = q2p.sum(-1, keepdim=True)
+        return q2p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+#: What ``q2p_rule`` may be: the connector's own rule (the layout's), or the gradient rule split within it.
+Q2P_RULES = ("structural", "gradient")
 
 #: Query-to-Patch rules fixed by the connector's structure (the layout carries the map); the others (gradient,
 #: Q-Former GAE) depend on the target and are computed per token.
@@ -207,24 +345,29 @@ class RGAE(Explainer):
     """R-GAE relevance maps (see the module docs for the exact rules).
 
     ``attribute(image, target=None, prompt=None, through_vision=False, max_new_tokens=32, progress=False,
-    grad_batch=None)`` returns an :class:`~rgae.Explanation` with per-token ``text_to_query [T, M]``,
-    ``text_to_patch [T, N]`` and ``query_to_patch [M, N]`` (the mean over target tokens when it depends on the
-    target: Q-Former, gradient rule, ``through_vision``; then ``T2P_t = T2Q_t · Q2P_t`` uses each token's own map).
+    grad_batch=None, capture="interface", q2p_rule="structural")`` returns an :class:`~rgae.Explanation` with
+    per-token ``text_to_query [T, M]``, ``text_to_patch [T, N]`` and ``query_to_patch [M, N]`` (the mean over target
+    tokens when it depends on the target: Q-Former, gradient rule, ``through_vision``; then ``T2P_t = T2Q_t ·
+    Q2P_t`` uses each token's own map).
     ``grad_batch``: target tokens differentiated per backward pass (None: batched on CUDA within a memory budget,
     one at a time on the CPU; see :func:`auto_grad_batch`); the maps are the same either way.
+    ``q2p_rule``: ``"structural"`` (default: the connector's own rule, the layout's) or ``"gradient"`` (a structural
+    rule split within its support by the gradient rule, per target token; ``options["query_to_patch_rule"]`` then
+    reads e.g. ``"gradient within block (mean over target tokens)"``).
     """
 
     method = "rgae"
 
     def _attribute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
-                   grad_batch: int | None = None, capture: str = "interface", **unknown):
+                   grad_batch: int | None = None, capture: str = "interface", q2p_rule: str = "structural",
+                   **unknown):
         if unknown:
             raise TypeError(
-                f"unknown RGAE options: {sorted(unknown)} (known: through_vision, grad_batch, capture, "
+                f"unknown RGAE options: {sorted(unknown)} (known: through_vision, grad_batch, capture, q2p_rule, "
                 "max_new_tokens, progress)"
             )
         result = self.compute(inputs, through_vision=through_vision, progress=progress, grad_batch=grad_batch,
-                              capture=capture)
+                              capture=capture, q2p_rule=q2p_rule)
         return self.pack(
             inputs,
             text_to_patch=result["text_to_patch"],
@@ -234,7 +377,8 @@ class RGAE(Explainer):
             options={
                 "through_vision": bool(through_vision),
                 "projector_kind": self.adapter.projector_kind,
-                "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision),
+                "query_to_patch_rule": self.query_to_patch_rule(inputs.layout, through_vision, q2p_rule),
+                "q2p_rule": q2p_rule,
                 "explained_scalar": "raw logit of the target token at the predicting position",
                 "capture": capture,
                 **coverage_options(self.adapter),
@@ -249,19 +393,42 @@ class RGAE(Explainer):
         return {} if share is None else {"non_patch_share": [float(v) for v in share]}
 
     @staticmethod
-    def query_to_patch_rule(layout, through_vision: bool) -> str:
+    def query_to_patch_rule(layout, through_vision: bool, q2p_rule: str = "structural") -> str:
+        """What ran, for ``options["query_to_patch_rule"]``: the layout's rule (``"block"``, ...), ``"gradient
+        within block"`` for the gradient split of a structural rule; ``(mean over target tokens)`` when the map
+        depends on the target."""
         rule = layout.rule
+        if q2p_rule == "gradient" and rule in STRUCTURAL_RULES:
+            rule = f"gradient within {rule}"
         if rule not in STRUCTURAL_RULES:
             rule += " (mean over target tokens)"
         return rule + (" · vit_gae" if through_vision else "")
 
+    def _check_q2p_rule(self, q2p_rule: str, layout, through_vision: bool) -> bool:
+        """Whether the gradient split of a structural rule runs (``ValueError`` where ``q2p_rule`` cannot)."""
+        if q2p_rule not in Q2P_RULES:
+            raise ValueError(f"q2p_rule must be one of {Q2P_RULES}, got {q2p_rule!r}")
+        if q2p_rule == "structural" or layout.rule not in STRUCTURAL_RULES:
+            return False  # the layout's own rule (the gradient rule already, for max pooling and the abstractors)
+        name = type(self.model).__name__
+        if self.adapter.sees_image_through_cross_attention:
+            raise ValueError(f"q2p_rule='gradient' needs image tokens in the LLM's input; {name} reads the image "
+                             "through cross-attention only")
+        if through_vision and self.adapter.feature_prefix:
+            raise ValueError(f"q2p_rule='gradient' with through_vision=True composes over the layout's patches; "
+                             f"{name}'s connector also reads {self.adapter.feature_prefix} non-patch feature(s)")
+        return True
+
     def compute(self, inputs: PreparedInputs, through_vision: bool = False, progress: bool = False,
-                grad_batch: int | None = None, capture: str = "interface") -> dict:
+                grad_batch: int | None = None, capture: str = "interface", q2p_rule: str = "structural") -> dict:
         """The raw maps as a dict (``text_to_query``, ``query_to_patch``, ``query_to_patch_per_token``,
         ``text_to_patch``, ``token_probs``); :meth:`attribute` packs them into an Explanation.
 
         ``capture``: ``"interface"`` (default: the model's own attention kernel, probabilities recomputed in chunks)
-        or ``"eager"`` (eager attention with every probability tensor recorded; the reference). Same maps."""
+        or ``"eager"`` (eager attention with every probability tensor recorded; the reference). Same maps.
+        ``q2p_rule``: ``"structural"`` (default: the layout's rule) or ``"gradient"`` (a structural rule split
+        within its support per target token, :class:`StructuralGradientSplit`)."""
+        split = self._check_q2p_rule(q2p_rule, inputs.layout, through_vision)
         ad = self.adapter
         kind = ad.projector_kind
         views, rule = len(inputs.layout.views), inputs.layout.rule
@@ -280,12 +447,16 @@ class RGAE(Explainer):
         cross_llm = ad.sees_image_through_cross_attention
         source = relevance_source(capture, self.model, ad, through_vision, full_llm_cams=cross_llm)
         needs_io = kind != "qformer" and rule not in STRUCTURAL_RULES  # the gradient rule reads the projector's output
-        io = ProjectorIO(ad.projector, ad.projector_input, require_graph=needs_io and source.capture == "interface")
+        io = ProjectorIO(ad.projector, ad.projector_input, require_graph=needs_io and source.capture == "interface",
+                         leaf_input=split)
+        llm_input = LanguageModelInput(ad.language_model)
 
         with contextlib.ExitStack() as stack:
             source.enter(stack)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(io)
+            if split:
+                stack.enter_context(llm_input)
             logits, offset = self.forward(inputs)
             recorded = source.after_forward()
             target_logits = self.target_logits(logits, inputs, offset)
@@ -293,6 +464,9 @@ class RGAE(Explainer):
             extra = [io.output] if needs_io else []
             if needs_io and (io.output is None or not io.output.requires_grad):
                 raise RuntimeError("the projector's output was not recorded with a graph")
+            splitter = self._gradient_split(inputs.layout, io, llm_input) if split else None
+            if split:
+                extra = [llm_input.embeds]
 
             image_pos = inputs.image_positions
             device = logits.device
@@ -324,11 +498,14 @@ class RGAE(Explainer):
                         q2p = r_qk[:, ad.feature_prefix :]
                         if ad.feature_prefix:
                             non_patch.append(self._non_patch_share(t2q, r_qk))
+                    elif splitter is not None:
+                        q2p = splitter(grads[-1]).to(dtype)
+                        if patch_tokens is not None:
+                            q2p = self._through_patches(q2p, r_vit, patch_tokens)
                     elif static_q2p is not None:
                         q2p = static_q2p
-                        if patch_tokens is not None:  # Q2P · R̄_vit over the patches, every view
-                            tok = patch_tokens.to(device)
-                            q2p = static_q2p @ normalize_residual(r_vit)[tok][:, tok].to(dtype)
+                        if patch_tokens is not None:
+                            q2p = self._through_patches(static_q2p, r_vit, patch_tokens)
                         elif r_vit is not None:
                             q2p = self._compose_vit(self._feature_q2p(dtype, device), r_vit)
                     elif grads[-1] is None:  # the target does not depend on the image at all
@@ -362,6 +539,21 @@ class RGAE(Explainer):
         }
 
     # ---- Query-to-Patch helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _through_patches(q2p: torch.Tensor, r_vit: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """``Q2P · R̄_vit[patch tokens][:, patch tokens]``: a map over the layout's patches through the tower, every
+        view."""
+        tok = patch_tokens.to(q2p.device)
+        return q2p @ normalize_residual(r_vit)[tok][:, tok].to(q2p.dtype)
+
+    def _gradient_split(self, layout, io: ProjectorIO, llm_input: LanguageModelInput) -> StructuralGradientSplit:
+        name = type(self.model).__name__
+        if io.input is None or not io.input.requires_grad:
+            raise RuntimeError(f"{name}: the connector's input was not recorded with a graph")
+        if llm_input.embeds is None or not llm_input.embeds.requires_grad:
+            raise RuntimeError(f"{name}: the language model's inputs_embeds were not recorded with a graph")
+        return StructuralGradientSplit(layout, self.adapter.connector_patch_rows(layout), io.input, llm_input.embeds)
+
     def _feature_q2p(self, dtype, device) -> torch.Tensor:
         """``[M, N_features]`` over the projector's input tokens (patches plus a kept CLS) for static kinds."""
         ad = self.adapter

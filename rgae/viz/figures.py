@@ -171,6 +171,11 @@ def _resolve_query_grid(expl) -> tuple[int, int]:
     return (side, side) if side * side == m else (1, m)
 
 
+def _is_strip(qh: int, qw: int) -> bool:
+    """The queries have no grid: one row of tokens (:func:`_resolve_query_grid`'s fallback)."""
+    return qh == 1 and qw > 1
+
+
 def _require_queries(expl, what: str) -> None:
     if expl.text_to_query is None:
         raise ValueError(
@@ -270,7 +275,11 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
     if normalize == "global" and (vmin is None or vmax is None):
         vmin, vmax = float(values.min()), float(values.max())
     unit = normalize_map(values, normalize, **({"vmin": vmin, "vmax": vmax} if normalize == "global" else {}))
-    ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5))
+    strip = _is_strip(qh, qw)
+    # Tokens without a grid (several views, placeholders) are a strip in sequence order: drawn as a band as tall as
+    # the panel allows, not as square cells (1×M squares collapse to a hairline).
+    ax.imshow(colorize(unit, cmap), interpolation="nearest", extent=(-0.5, qw - 0.5, qh - 0.5, -0.5),
+              aspect="auto" if strip else None)
     ax.set_xlim(-0.5, qw - 0.5)
     ax.set_ylim(qh - 0.5, -0.5)
     _flat_map_note(ax, values, normalize)
@@ -282,9 +291,9 @@ def _draw_text_to_query(ax, expl, style="heatmap", top_k=5, word=None, token=Non
     if style == "heatmap":
         step = max(1, math.ceil(max(qh, qw) / 8))
         ax.set_xticks(range(0, qw, step))
-        ax.set_yticks(range(0, qh, step))
-        ax.set_xlabel("query column")
-        ax.set_ylabel("query row")
+        ax.set_yticks([] if strip else range(0, qh, step))
+        ax.set_xlabel("image token (sequence order)" if strip else "query column")
+        ax.set_ylabel("" if strip else "query row")
         return span
     # Grid map: white cell borders, each cell labelled with its flat query index and its displayed (0-1) value.
     _hide_ticks(ax)
@@ -594,7 +603,10 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
     _require_queries(expl, "plot_text_to_query")
     qh, qw = _resolve_query_grid(expl)
     side = float(np.clip(0.42 * max(qh, qw), 3.0, 6.5)) if style == "grid" else 3.2
-    fig = _new_figure((side * qw / max(qh, qw) + 0.9, side * qh / max(qh, qw) + 0.7))
+    height = side * qh / max(qh, qw)
+    if _is_strip(qh, qw):  # a band with room for its title, axis label and colorbar
+        height = max(height, 1.6)
+    fig = _new_figure((side * qw / max(qh, qw) + 0.9, height + 0.7))
     ax = fig.add_subplot()
     lo, hi = _draw_text_to_query(ax, expl, style=style, top_k=top_k, word=word, token=token, cmap=cmap,
                                  panel_in=side)
@@ -602,12 +614,14 @@ def plot_text_to_query(expl, style: str = "heatmap", top_k: int = 5, word: int |
         f"word “{_escape(word if isinstance(word, str) else expl.words[word])}”" if word is not None
         else f"token “{_escape(expl.output_tokens[token])}”")
     extra = f", top-{top_k} framed" if style == "grid" and top_k > 0 else ""
-    ax.set_title(_with_note(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{qh}×{qw} queries", note,
-                            _chars_per_line(side + 0.9)))
+    count = f"{qw} image tokens (no query grid)" if _is_strip(qh, qw) else f"{qh}×{qw} queries"
+    ax.set_title(_with_note(f"{_PANEL_TITLES['t2q']}, {what}{extra}\n{count}", note, _chars_per_line(side + 0.9)))
+    # A band's colorbar goes under it: a vertical one would be as short as the band.
+    bar = {"orientation": "horizontal", "shrink": 0.6, "aspect": 30} if _is_strip(qh, qw) else {"shrink": 0.85}
     if style == "grid":
-        _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", shrink=0.85, pad=0.02)
+        _low_high_colorbar(fig, ax, cmap, "relevance (min–max; cell values)", pad=0.02, **bar)
     else:
-        _colorbar(fig, ax, cmap, lo, hi, "relevance", shrink=0.85, pad=0.02)
+        _colorbar(fig, ax, cmap, lo, hi, "relevance", pad=0.02, **bar)
     return _freeze_layout(fig)
 
 
@@ -727,17 +741,39 @@ def plot_decomposition(expl, style: str = "heatmap", top_k: int = 5, alpha: floa
     return _freeze_layout(fig)
 
 
+def _row_label(ax, label: str, row_in: float, fontsize: float = 9.5) -> None:
+    """A row's label left of its first panel: along it when it fits the row's height, else across (wrapped)."""
+    lines = str(label).split("\n")
+    if len(lines) == 1 and len(label) * fontsize * 0.6 / 72.0 <= row_in:
+        ax.set_ylabel(_escape(label), fontsize=fontsize)
+        return
+    wrapped = "\n".join(part for line in lines for part in (textwrap.wrap(line, 16) or [""]))
+    ax.set_ylabel(_escape(wrapped), fontsize=fontsize, rotation=0, ha="right", va="center", labelpad=4)
+
+
+_ROW_LABELS = {
+    "method": lambda e: e.method,
+    "projector": lambda e: e.projector_type,
+    "model": lambda e: e.model_name or e.projector_type,
+}
+
+
 def plot_comparison(
     explanations: Sequence[Any] | Mapping[str, Any], rows: str = "method",
     words: Sequence[int | str | None] | None = None,
     normalize: str = "per_map", show_image: bool = True, alpha: float = 0.5, cmap: Any = "jet",
     interpolation: str = "bilinear", crop_to_content: bool = False, note: str | None = None,
 ):
-    """Comparison grid: one row per explanation (labelled by method or projector), one column per word.
+    """Comparison grid: one row per explanation (labelled by method, projector or model), one column per word.
+
+    Every row is drawn over its own explanation's original image through its own layout
+    (:meth:`~rgae.Explanation.image_map`), so rows of different model families — one patch grid, anyres tiles,
+    tiles + thumbnail — compare on the same pixels when they explain the same image.
 
     Args:
         explanations: a list of Explanations, or ``{row label: Explanation}``.
-        rows: ``"method"`` or ``"projector"`` — what labels the rows (ignored for a mapping).
+        rows: ``"method"``, ``"projector"`` or ``"model"`` (the model's name, else its projector) — what labels the
+            rows (ignored for a mapping).
         words: words (text or index into the first explanation's words; ``None`` = the sentence map).
             Default: all words of the first explanation. Words are matched by text in the other rows; a row
             without that word shows an empty cell.
@@ -750,14 +786,14 @@ def plot_comparison(
         >>> a, b = synthetic_explanation(seed=0), synthetic_explanation(method="rollout", seed=1)
         >>> fig = plot_comparison([a, b], rows="method", words=["pot", "plants"], normalize="global")
     """
-    if rows not in ("method", "projector"):
-        raise ValueError(f"rows must be 'method' or 'projector', got {rows!r}")
+    if rows not in _ROW_LABELS:
+        raise ValueError(f"rows must be one of {tuple(_ROW_LABELS)}, got {rows!r}")
     _check_normalize(normalize)
     if isinstance(explanations, Mapping):
         labels, expls = [str(k) for k in explanations], list(explanations.values())
     else:
         expls = list(explanations)
-        labels = [str((e.method if rows == "method" else e.projector_type) or "?") for e in expls]
+        labels = [str(_ROW_LABELS[rows](e) or "?") for e in expls]
     if not expls:
         raise ValueError("plot_comparison needs at least one explanation")
     first = expls[0]
@@ -803,7 +839,7 @@ def plot_comparison(
                                     normalize=normalize, vmin=vmin, vmax=vmax, crop_to_content=crop_to_content)
             if r == 0:
                 ax.set_title("sentence" if word is None else f"“{_short(word)}”")
-        axes[r, 0].set_ylabel(_escape(label), fontsize=9.5)
+        _row_label(axes[r, 0], label, panel_in * h / w)
     _scale_colorbar(fig, axes, cmap, normalize, vmin, vmax, shrink=0.8, pad=0.01)
     chars = _chars_per_line(fig.get_size_inches()[0])
     fig.suptitle(_with_note(_caption(first.target_text, chars), note, chars))

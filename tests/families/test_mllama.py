@@ -217,12 +217,21 @@ def test_raw_attention_reads_the_last_cross_attention_layer(mllama):
         assert torch.allclose(e.text_to_patch, expected @ inputs.layout.query_to_patch, rtol=tol, atol=1e-12), capture
 
 
-@pytest.mark.parametrize("method, match", [(AttentionRollout, "rollout is not defined"),
-                                           (GradCAM, "not supported yet"), (Occlusion, "not supported yet")])
-def test_methods_without_a_tile_rule_refuse_clearly(mllama, method, match):
+def test_rollout_refuses_clearly(mllama):
     model, processor = mllama
-    with pytest.raises(ValueError, match=match):
-        method(model, processor).attribute(tiny_image(24, 40), target=TARGET)
+    with pytest.raises(ValueError, match="rollout is not defined"):
+        AttentionRollout(model, processor).attribute(tiny_image(24, 40), target=TARGET)
+
+
+def test_gradcam_and_occlusion_map_the_tiles(mllama):
+    # Grad-CAM on the projector's input keys (CLS and padding tiles left out), one weight vector per tile; occlusion
+    # of original-image regions (tests/families/test_multiview_baselines.py checks both against references).
+    model, processor = mllama
+    cam = GradCAM(model, processor).attribute(tiny_image(24, 40), target=TARGET)
+    assert cam.text_to_patch.shape == (len(cam.output_tokens), cam.layout.n_patches) and len(cam.layout.views) > 1
+    assert float(cam.text_to_patch.abs().max()) > 0 and cam.image_map().shape == (24, 40)
+    occlusion = Occlusion(model, processor).attribute(tiny_image(24, 40), target=TARGET, backend="torch", grid=(2, 2))
+    assert occlusion.patch_grid == (2, 2) and float(occlusion.text_to_patch.abs().max()) > 0
 
 
 def test_through_vision_is_refused_clearly(mllama):
