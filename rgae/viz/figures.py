@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rgae.viz.overlay import colorize, crop_to_box, normalize_map, overlay, to_numpy_map, upsample
+from rgae.viz.overlay import colorize, normalize_map, overlay, to_numpy_map, upsample
 
 # Sizes in points, chosen for a 7-inch (two-column) or 3.3-inch (one-column) paper figure printed at 100%.
 _RC = {
@@ -132,12 +132,6 @@ def _background(expl) -> np.ndarray:
     h, w = expl.image_layout.image_size
     scale = _DEFAULT_PATCH_PX if expl.layout is None else 1
     return np.full((h * scale, w * scale, 3), 200, np.uint8)
-
-
-def _content_box(expl, crop_to_content: bool):
-    # Maps are drawn over the original image (Explanation.image_map warps every view back to it), so there is no
-    # padding left to crop; the argument stays for callers of the earlier API.
-    return None
 
 
 def _display_map(expl, values, interpolation: str = "bilinear", size: tuple[int, int] | None = None) -> np.ndarray:
@@ -252,7 +246,7 @@ def _draw_text_to_image(
     kwargs = {"vmin": vmin, "vmax": vmax} if normalize == "global" else {}
     rgb = overlay(_background(expl), patch_map, alpha=alpha, cmap=cmap, interpolation=interpolation,
                   normalize=normalize, **kwargs)
-    ax.imshow(crop_to_box(rgb, _content_box(expl, crop_to_content)), interpolation="nearest")
+    ax.imshow(rgb, interpolation="nearest")
     _hide_ticks(ax)
     _flat_map_note(ax, patch_map, normalize)
     if normalize == "global":
@@ -363,31 +357,20 @@ def query_mosaic(
         qw = math.ceil(math.sqrt(len(shown)))
         qh = math.ceil(len(shown) / qw)
     background = _background(expl)
-    box = _content_box(expl, crop_to_content)
     height, width = background.shape[:2]
     if tile_px is None:
         tile_px = int(np.clip(1200 // max(qh, qw), 32, 160))
-    # Tiles keep the aspect ratio of the image actually shown (the content box when cropping).
-    shown_h, shown_w = (box[3] - box[1], box[2] - box[0]) if box else (height, width)
-    scale = tile_px / max(shown_h, shown_w)
+    scale = tile_px / max(height, width)  # tiles keep the image's aspect ratio
     full_h, full_w = max(1, round(height * scale)), max(1, round(width * scale))
     small = cv2.resize(background, (full_w, full_h), interpolation=cv2.INTER_AREA)  # explicit (W, H); stays RGB
     if grayscale:
         small = np.repeat(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
-    small_box = None
-    if box:
-        small_box = (
-            min(int(box[0] * scale), full_w - 1), min(int(box[1] * scale), full_h - 1),
-            max(min(round(box[2] * scale), full_w), int(box[0] * scale) + 1),
-            max(min(round(box[3] * scale), full_h), int(box[1] * scale) + 1),
-        )
     maps = _display_map(expl, q2p.reshape(m, -1), interpolation, size=small.shape[:2])
     kwargs = {}
     if normalize == "global":
         kwargs = {"vmin": float(maps.min()), "vmax": float(maps.max())}
     tiles = [
-        crop_to_box(_emphasis_overlay(small, maps[q], alpha, cmap, interpolation, normalize, **kwargs), small_box)
-        for q in shown
+        _emphasis_overlay(small, maps[q], alpha, cmap, interpolation, normalize, **kwargs) for q in shown
     ]
     tile_h, tile_w = tiles[0].shape[:2]
     mosaic = np.full((qh * (tile_h + gap_px) - gap_px, qw * (tile_w + gap_px) - gap_px, 3), 255, np.uint8)
@@ -500,7 +483,8 @@ def plot_text_to_image(
 ):
     """Text-to-Image ``R_t2i``: the sentence map (default), one word's or one token's map over the image.
 
-    ``crop_to_content=True`` crops to ``expl.content_box`` (the original image inside the padded one the model saw).
+    ``crop_to_content`` is kept for callers of the earlier API and changes nothing: maps are drawn over the original
+    image (every view warped back to it), so there is no padding to crop.
     The colorbar shows the map's own relevance range. ``note`` (e.g. "out of domain: ...") is added to the title.
     An all-zero map says so on the panel.
 
@@ -511,8 +495,7 @@ def plot_text_to_image(
     """
     width_in = 3.4
     bg = _background(expl)
-    box = _content_box(expl, crop_to_content)
-    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    h, w = bg.shape[:2]
     fig = _new_figure((width_in, width_in * h / w * 0.82 + 0.75))
     ax = fig.add_subplot()
     lo, hi = _draw_text_to_image(ax, expl, word=word, token=token, alpha=alpha, cmap=cmap,
@@ -560,8 +543,7 @@ def plot_words(
     nrows = math.ceil(len(panels) / max(1, ncols))
     ncols = math.ceil(len(panels) / nrows)
     bg = _background(expl)
-    box = _content_box(expl, crop_to_content)
-    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    h, w = bg.shape[:2]
     panel_in = 1.45
     fig = _new_figure((panel_in * ncols + 0.8, (panel_in * h / w + 0.3) * nrows + 0.5))
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -816,15 +798,14 @@ def plot_comparison(
     vmax = float(max(m.max() for m in present)) if normalize == "global" else None
     ncols = len(columns) + int(show_image)
     bg = _background(first)
-    box = _content_box(first, crop_to_content)
-    h, w = (box[3] - box[1], box[2] - box[0]) if box else bg.shape[:2]
+    h, w = bg.shape[:2]
     panel_in = 1.35
     fig = _new_figure((panel_in * ncols + 1.2, (panel_in * h / w + 0.1) * len(expls) + 0.7))
     axes = fig.subplots(len(expls), ncols, squeeze=False)
     for r, (e, label) in enumerate(zip(expls, labels)):
         if show_image:
             ax = axes[r, 0]
-            ax.imshow(crop_to_box(_background(e), _content_box(e, crop_to_content)))
+            ax.imshow(_background(e))
             _hide_ticks(ax)
             if r == 0:
                 ax.set_title("image")
