@@ -217,6 +217,11 @@ def _load_shapes_table():
     return module
 
 
+def value(x):
+    """shapes_table reports a scene-bootstrap interval around each value; the value itself."""
+    return x["value"] if isinstance(x, dict) else x
+
+
 def test_evaluate_two_stores_every_metric(tiny_model, tmp_path, capsys):
     from deco_models.data.shapes import generate_scene
     from rgae.commands.explain import load_model
@@ -237,8 +242,6 @@ def test_evaluate_two_stores_every_metric(tiny_model, tmp_path, capsys):
     table = _load_shapes_table()
     scenes = [generate_scene((12345, i), max_objects=3) for i in range(5)]
     ref = table.explanation_quality(model, processor, scenes, methods=("rgae", "rawattn"), progress=False)
-    def value(x):  # shapes_table reports a scene-bootstrap interval around each value
-        return x["value"] if isinstance(x, dict) else x
 
     for name, method in (("rgae", "rgae"), ("rawattn", "rawattn")):
         got = m["summaries"][name]["metrics"]
@@ -534,10 +537,11 @@ def test_evaluate_reproduces_the_shapes_table_and_compares_avgpool_with_qformer(
         model, processor = load_model(name)
         refs[label] = table.explanation_quality(model, processor, scenes, methods=("rgae",), progress=False)
         got = m["summaries"][label]["metrics"]
-        assert got["pointing"]["mean"] == refs[label]["rgae"] and got["pointing"]["n"] == refs[label]["n_words"]
-        assert got["pointing_random"]["mean"] == pytest.approx(refs[label]["random"], abs=1e-12)
+        assert got["pointing"]["mean"] == value(refs[label]["rgae"])
+        assert got["pointing"]["n"] == value(refs[label]["n_words"])
+        assert got["pointing_random"]["mean"] == pytest.approx(value(refs[label]["random"]), abs=1e-12)
         assert {k: v["pointing"]["mean"] for k, v in m["summaries"][label]["by_kind"].items()} == \
-            refs[label]["by_kind"]["rgae"]
+            {k: value(v) for k, v in refs[label]["by_kind"]["rgae"].items()}
     diff = m["comparison"]["metrics"]["pointing"]
-    assert diff["difference"] == pytest.approx(refs["qformer"]["rgae"] - refs["avgpool"]["rgae"])
+    assert diff["difference"] == pytest.approx(value(refs["qformer"]["rgae"]) - value(refs["avgpool"]["rgae"]))
     assert "## qformer vs avgpool (paired)" in (report / "report.md").read_text()
