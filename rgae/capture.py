@@ -146,7 +146,9 @@ class AttentionRecorder:
             if probs is None:
                 raise AttentionCaptureError(
                     f"{self.names[index]} ({type(module).__name__}) returned no attention probabilities (out[1] is "
-                    "None); the model must run eager attention (rgae.capture.eager_attention)"
+                    "None): capture='eager' needs modules that return them under eager attention "
+                    "(rgae.capture.eager_attention), which some never do (the Qwen-VL vision towers' attention); "
+                    "use capture='interface', the default, which recomputes them from the module's query and key"
                 )
             if probs.ndim != 4:
                 raise ValueError(

@@ -25,6 +25,9 @@ from rgae.layout import ImageLayout, View
 
 #: Projector kinds and the Query-to-Patch rule each one gets (see rgae.methods.rgae).
 PROJECTOR_KINDS = ("linear", "mlp", "avgpool", "maxpool", "qformer", "cabstractor", "dabstractor")
+# connector_patch_rows: a row of the connector's input that belongs to another image of the prompt (Qwen-VL packs every
+# image into one sequence); unlike -1 (a row of this image that is no patch, e.g. CLS) it enters nothing of this map.
+OTHER_IMAGE_ROW = -2
 
 
 def _as_hw(value) -> tuple[int, int]:
@@ -228,10 +231,12 @@ class ModelAdapter:
         rule = "pooling" if kind == "avgpool" else "gradient"
         return pooling_map(self.patch_grid, self.query_grid, dtype=torch.float64), rule
 
-    def connector_patch_rows(self, layout: ImageLayout) -> torch.Tensor:
-        """``[R]`` long: which layout patch each row of the connector's input is (``-1``: a row that is no patch, such
-        as a kept CLS token or padding). For the gradient Query-to-Patch rule within a structural map
-        (``RGAE.attribute(..., q2p_rule="gradient")``), which weighs each patch by its features.
+    def connector_patch_rows(self, layout: ImageLayout, inputs=None) -> torch.Tensor:
+        """``[R]`` long: which layout patch each row of the connector's input is (``-1``: a row of this image that is
+        no patch, such as a kept CLS token or padding; :data:`OTHER_IMAGE_ROW`: a row of another image of the
+        prompt). For Grad-CAM and the gradient Query-to-Patch rule within a structural map
+        (``RGAE.attribute(..., q2p_rule="gradient")``), which weigh each patch by its features. ``inputs``: the
+        explainer's prepared inputs, for connectors whose input holds every image of the prompt.
 
         The connector's input is the projector's (what :class:`~rgae.methods.rgae.ProjectorIO` records) viewed as
         ``[R, C]``: one patch's feature vector per row. Default: per view, in layout order, its ``feature_prefix``
@@ -244,6 +249,11 @@ class ModelAdapter:
             patches = torch.arange(layout.view_slice(i).start, layout.view_slice(i).stop)
             rows += [torch.full((self.feature_prefix,), -1, dtype=torch.long), patches]
         return torch.cat(rows)
+
+    def gradient_split_rows(self, layout: ImageLayout, inputs=None) -> torch.Tensor:
+        """:meth:`connector_patch_rows` for ``q2p_rule="gradient"``; adapters of models whose image reaches the LLM
+        through more than the one connector the rule reads refuse here with the reason."""
+        return self.connector_patch_rows(layout, inputs)
 
     def layout(self, processor, batch, image_size: tuple[int, int]) -> ImageLayout:
         """The :class:`~rgae.layout.ImageLayout` of one image in ``batch`` (the processor's output for one prompt):

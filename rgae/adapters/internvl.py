@@ -79,7 +79,7 @@ class InternVLAdapter(CropToPatchesAdapter):
         packed = inner.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return blocks_from_packed(packed.reshape(1, -1, packed.shape[-1]), rows * cols)
 
-    def connector_patch_rows(self, layout):
+    def connector_patch_rows(self, layout, inputs=None):
         """The projector's input is ``[views, tokens, s²·C]`` (after the model's ``pixel_shuffle``): row
         ``(view, token, j)``, the ``j``-th ``C``-channel slice of a token, is the ``j``-th patch of its block."""
         blocks = self.token_blocks().flatten()

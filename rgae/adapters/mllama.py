@@ -73,7 +73,7 @@ class MllamaAdapter(ModelAdapter):
             )
         return (rows, cols), (int(new_h), int(new_w)), tile
 
-    def connector_patch_rows(self, layout):
+    def connector_patch_rows(self, layout, inputs=None):
         """The projector's input rows are the cross-attention keys (tiles × (CLS + patches)): key k is the patch
         its identity Query-to-Patch row names, ``-1`` for CLS tokens and padding tiles."""
         q2p = layout.query_to_patch

@@ -38,7 +38,8 @@ from rgae.adapters.qwen_vl_base import QwenVLAdapter, qwen_vl_fields
 
 @dataclass
 class Qwen3VLAdapter(QwenVLAdapter):
-    """:class:`QwenVLAdapter` that refuses ``through_vision`` when DeepStack branches feed the LLM (module docs)."""
+    """:class:`QwenVLAdapter` that refuses ``through_vision`` and ``q2p_rule="gradient"`` when DeepStack branches
+    feed the LLM (module docs)."""
 
     deepstack_layers: tuple[int, ...] = ()
 
@@ -53,6 +54,18 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 "block Query-to-Patch is exact for every DeepStack branch)"
             )
         return super().patch_tokens(layout, inputs)
+
+    def gradient_split_rows(self, layout, inputs=None):
+        """Refused for a model with DeepStack layers: the rule differentiates the LLM's input embeddings w.r.t. the
+        main merger's input, and the DeepStack branches reach the LLM elsewhere (module docs)."""
+        if self.deepstack_layers:
+            raise ValueError(
+                f"q2p_rule='gradient' is not supported for {type(self.model).__name__} with DeepStack: the features "
+                f"of vision layers {list(self.deepstack_layers)} reach the LLM through their own mergers after its "
+                "first layers, not through the input embeddings the rule differentiates; use the default "
+                "structural rule (exact for every branch)"
+            )
+        return super().gradient_split_rows(layout, inputs)
 
 
 def qwen3_vl_adapter(model: nn.Module) -> QwenVLAdapter:

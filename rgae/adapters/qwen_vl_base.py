@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from rgae.adapters.base import ModelAdapter, leaf_attention_modules
+from rgae.adapters.base import OTHER_IMAGE_ROW, ModelAdapter, leaf_attention_modules
 from rgae.adapters.blocks import block_query_to_patch, blocks_from_packed, example_ids, image_layout, token_runs
 from rgae.adapters.tiling import whole_image_box
 from rgae.layout import View
@@ -178,13 +178,15 @@ class QwenVLAdapter(ModelAdapter):
         """The tower tokens ``through_vision`` composes with: :meth:`vision_tokens`."""
         return self.vision_tokens(layout, inputs)
 
-    def connector_patch_rows(self, layout) -> torch.Tensor:
-        """Refused: the PatchMerger's input is the packed sequence of every image of the prompt in merge-block (and,
-        for Qwen2.5-VL, window) order, which Grad-CAM and ``q2p_rule="gradient"`` do not read yet."""
-        raise ValueError(
-            f"Grad-CAM and q2p_rule='gradient' are not supported yet for {type(self.model).__name__}: its connector "
-            "reads the packed vision sequence in merge-block order; use RGAE (structural block rule) or Occlusion"
-        )
+    def connector_patch_rows(self, layout, inputs=None) -> torch.Tensor:
+        """The PatchMerger reads the tower's output in the vision attention's order (merge blocks; Qwen2.5-VL:
+        windows) with every image of the prompt packed: row ``r`` is the patch whose tower token ``r`` is
+        (:meth:`vision_tokens`), the rows of the prompt's other images are :data:`OTHER_IMAGE_ROW`."""
+        tokens = self.vision_tokens(layout, inputs)
+        total = layout.n_patches if inputs is None else int(self.grids(inputs.extra).prod(-1).sum())
+        rows = torch.full((total,), OTHER_IMAGE_ROW, dtype=torch.long)
+        rows[tokens] = torch.arange(tokens.numel())
+        return rows
 
     def vision_tokens(self, layout, inputs=None) -> torch.Tensor:
         """``[N]`` long: for every patch of ``layout`` (row-major), the index of its token in the vision tower's

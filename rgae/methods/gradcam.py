@@ -32,6 +32,7 @@ import contextlib
 
 import torch
 
+from rgae.adapters.base import OTHER_IMAGE_ROW
 from rgae.capture import explain_mode
 from rgae.methods.base import Explainer, PreparedInputs
 from rgae.methods.rgae import ProjectorIO
@@ -54,7 +55,7 @@ class GradCAM(Explainer):
             stack.enter_context(io)
             logits, offset = self.forward(inputs)
             feats = io.input
-            rows = self.adapter.connector_patch_rows(layout).to(feats.device)
+            rows = self.adapter.connector_patch_rows(layout, inputs).to(feats.device)
             if rows.numel() == 0 or feats.numel() % rows.numel():
                 raise ValueError(
                     f"Grad-CAM is not supported yet for {type(self.model).__name__}: its connector's input "
@@ -85,12 +86,12 @@ class GradCAM(Explainer):
 def _views_of_rows(layout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``([R], [R])``: the view of each patch row (``-1`` for rows that are no patch: the centering's), and the view
     whose channel weights each row enters: its own, and for a row that is no patch (a CLS token) the view of the
-    patches after it (``-1`` when none follow: padding tiles)."""
+    patches after it (``-1`` when none follow: padding tiles, and for the rows of another image of the prompt)."""
     ends = torch.tensor([layout.view_slice(i).stop for i in range(len(layout.views))], device=rows.device)
     view = torch.where(rows >= 0, torch.bucketize(rows, ends, right=True), torch.full_like(rows, -1))
     patch_rows = (rows >= 0).nonzero().flatten()
     following = torch.searchsorted(patch_rows, torch.arange(rows.numel(), device=rows.device))
-    has_next = following < patch_rows.numel()
+    has_next = (following < patch_rows.numel()) & (rows != OTHER_IMAGE_ROW)
     weight_view = torch.full_like(rows, -1)
     weight_view[has_next] = view[patch_rows[following[has_next]]]
     return view, weight_view

@@ -464,7 +464,7 @@ class RGAE(Explainer):
             extra = [io.output] if needs_io else []
             if needs_io and (io.output is None or not io.output.requires_grad):
                 raise RuntimeError("the projector's output was not recorded with a graph")
-            splitter = self._gradient_split(inputs.layout, io, llm_input) if split else None
+            splitter = self._gradient_split(inputs.layout, io, llm_input, inputs) if split else None
             if split:
                 extra = [llm_input.embeds]
 
@@ -546,13 +546,15 @@ class RGAE(Explainer):
         tok = patch_tokens.to(q2p.device)
         return q2p @ normalize_residual(r_vit)[tok][:, tok].to(q2p.dtype)
 
-    def _gradient_split(self, layout, io: ProjectorIO, llm_input: LanguageModelInput) -> StructuralGradientSplit:
+    def _gradient_split(self, layout, io: ProjectorIO, llm_input: LanguageModelInput,
+                        inputs=None) -> StructuralGradientSplit:
         name = type(self.model).__name__
         if io.input is None or not io.input.requires_grad:
             raise RuntimeError(f"{name}: the connector's input was not recorded with a graph")
         if llm_input.embeds is None or not llm_input.embeds.requires_grad:
             raise RuntimeError(f"{name}: the language model's inputs_embeds were not recorded with a graph")
-        return StructuralGradientSplit(layout, self.adapter.connector_patch_rows(layout), io.input, llm_input.embeds)
+        rows = self.adapter.gradient_split_rows(layout, inputs)
+        return StructuralGradientSplit(layout, rows, io.input, llm_input.embeds)
 
     def _feature_q2p(self, dtype, device) -> torch.Tensor:
         """``[M, N_features]`` over the projector's input tokens (patches plus a kept CLS) for static kinds."""

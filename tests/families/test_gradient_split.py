@@ -20,9 +20,12 @@ from tests.families.block_checks import ConnectorInput, edit_connector_input, la
 from tests.family_checks import assert_close_relative
 
 
-def reference_gradient_split(model, inputs, spec: ConnectorInput) -> torch.Tensor:
+def reference_gradient_split(model, inputs, spec: ConnectorInput,
+                             patch_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, M, N]`` float64: per target token and image token, the positive gradient × input of each connector
-    input patch through that token's LLM input embedding alone, rows normalized to sum 1 (0 without positives)."""
+    input patch through that token's LLM input embedding alone, rows normalized to sum 1 (0 without positives).
+    ``patch_rows [N]``: the row of the connector's input ``[R, C]`` that holds each layout patch (default: the
+    patches of every view in order, after its ``spec.prefix`` rows)."""
     layout = inputs.layout
     seen = {}
 
@@ -47,20 +50,23 @@ def reference_gradient_split(model, inputs, spec: ConnectorInput) -> torch.Tenso
         for q in layout.positions.tolist():
             (vj,) = torch.autograd.grad(y[0, q], x, grad_outputs=g[0, q], retain_graph=True, allow_unused=True)
             vj = torch.zeros_like(x) if vj is None else vj
-            rows.append((vj * x.detach())[:, spec.prefix:].sum(-1).flatten().double())
+            per_row = (vj * x.detach()).sum(-1)
+            rows.append((per_row[:, spec.prefix:].flatten() if patch_rows is None
+                         else per_row.flatten()[patch_rows]).double())
         contrib = torch.stack(rows).clamp(min=0)
         total = contrib.sum(1, keepdim=True)
         maps.append(contrib / torch.where(total > 0, total, torch.ones_like(total)))
     return torch.stack(maps)
 
 
-def check_against_reference(explainer, inputs, spec: ConnectorInput) -> torch.Tensor:
+def check_against_reference(explainer, inputs, spec: ConnectorInput, patch_rows: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """The split equals the reference per target token, stays inside the structural support, its rows sum to 1
     (or 0: placeholders, tokens without positive contributions), and Text-to-Patch composes per token."""
     result = explainer.compute(inputs, q2p_rule="gradient")
     per_token = result["query_to_patch_per_token"]
     layout = inputs.layout
-    expected = reference_gradient_split(explainer.model, inputs, spec)
+    expected = reference_gradient_split(explainer.model, inputs, spec, patch_rows)
     assert per_token.shape == expected.shape == (inputs.target_ids.numel(), layout.n_tokens, layout.n_patches)
     assert_close_relative(per_token, expected, 1e-9)
     support = layout.query_to_patch != 0

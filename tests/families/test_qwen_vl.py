@@ -22,7 +22,13 @@ from tests.families.block_checks import (
     plant,
     planted_image,
 )
-from tests.families.qwen_vl_checks import branch_support, full_matrix_vision_query_to_patch, merge_order_by_hand
+from tests.families.qwen_vl_checks import (
+    branch_support,
+    full_matrix_vision_query_to_patch,
+    merge_order_by_hand,
+    patch_tokens_by_hand,
+    vision_records,
+)
 from tests.families.tiny_qwen_vl import tiny_image, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 from tests.family_checks import assert_close_relative, changed_rows, full_matrix_text_to_query
 
@@ -217,7 +223,7 @@ def test_qwen2_5_windows_are_undone(vision_case):
 
 def test_through_vision_needs_the_interface_capture(vision_case):
     _, explainer, inputs = vision_case
-    with pytest.raises(AttentionCaptureError, match="returned no attention probabilities"):
+    with pytest.raises(AttentionCaptureError, match="returned no attention probabilities.*use capture='interface'"):
         explainer.compute(inputs, through_vision=True, capture="eager")
 
 
@@ -323,11 +329,95 @@ def test_the_baselines_read_the_layout_or_say_they_cannot():
     for cls in (rgae.RawAttention, rgae.AttentionRollout):
         e = cls(model, processor).attribute(image, target="a red circle")
         assert e.image_map().shape == (56, 84) and float(e.text_to_patch.sum()) > 0
-    # Grad-CAM and the gradient split would read the merger's packed input in raster order: refused, with the reason.
-    with pytest.raises(ValueError, match="not supported yet for Qwen2VLForConditionalGeneration"):
-        rgae.GradCAM(model, processor).attribute(image, target="a")
-    with pytest.raises(ValueError, match="not supported yet for Qwen2VLForConditionalGeneration"):
-        rgae.RGAE(model, processor).attribute(image, target="a", q2p_rule="gradient")
+    e = rgae.GradCAM(model, processor).attribute(image, target="a red circle")
+    assert e.image_map().shape == (56, 84) and float(e.text_to_patch.sum()) > 0
     # Occlusion blanks cells of the original image and runs the processor again: no internal order involved.
     e = rgae.Occlusion(model, processor).attribute(image, target="a red circle", backend="torch")
     assert e.image_map().shape == (56, 84) and float(e.text_to_patch.abs().sum()) > 0
+
+
+# ---- Grad-CAM and the gradient split on the merger's packed input --------------------------------------------------
+def _rows_by_hand(model, inputs, image: int = 0) -> torch.Tensor:
+    """``[N]``: the row of the merger's input holding each raster patch of image ``image``: the merger reads the tower's
+    output in its attention order (Qwen2.5-VL: windows), which the tower's own gradient tells (qwen_vl_checks)."""
+    return patch_tokens_by_hand(vision_records(model, inputs), inputs.extra["image_grid_thw"].cpu(), image)
+
+
+def reference_gradcam(model, inputs, patch_rows: torch.Tensor) -> torch.Tensor:
+    """``[T, N]`` float64 by the definition: ``ReLU(Σ_c w_c (A_c − Ā_c))``, A = the merger's input rows of the
+    layout's patches (raster order), w = the target logit's gradient averaged over those rows."""
+    seen = {}
+
+    def leaf(module, args):
+        seen["x"] = args[0].detach().requires_grad_(True)
+        return (seen["x"], *args[1:])
+
+    handle = model.model.visual.merger.register_forward_pre_hook(leaf)
+    try:
+        with torch.enable_grad():
+            logits = model(**inputs.model_kwargs(), use_cache=False).logits
+    finally:
+        handle.remove()
+    x = seen["x"]
+    a = x.detach()[patch_rows].double()
+    a = a - a.mean(0)
+    maps = []
+    for pos, tok in zip(inputs.predicting_positions.tolist(), inputs.target_ids.tolist()):
+        (g,) = torch.autograd.grad(logits[0, pos, tok], x, retain_graph=True)
+        maps.append((a * g[patch_rows].double().mean(0)).sum(-1).clamp(min=0))
+    return torch.stack(maps)
+
+
+def test_gradcam_reads_the_mergers_packed_input_in_raster_order(tiny):
+    import rgae
+
+    _, model, processor, explainer, sizes, _ = tiny
+    gradcam = rgae.GradCAM(model, processor)
+    for hw in sizes:
+        inputs = gradcam.prepare(tiny_image(*hw), "a red circle", None)
+        got = gradcam._attribute(inputs).text_to_patch
+        expected = reference_gradcam(model, inputs, _rows_by_hand(model, inputs))
+        assert float(expected.amax()) > 0 and got.shape == expected.shape
+        assert_close_relative(got, expected, 1e-9)
+
+
+def test_gradcam_of_one_image_of_several_reads_only_its_rows(two_images):
+    import rgae
+
+    explainer, images, _ = two_images
+    gradcam = rgae.GradCAM(explainer.model, explainer.processor)
+    for i, inputs in enumerate(gradcam.prepare_images(images, "a red circle", None)):
+        expected = reference_gradcam(explainer.model, inputs, _rows_by_hand(explainer.model, inputs, i))
+        assert_close_relative(gradcam._attribute(inputs).text_to_patch, expected, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_without_deepstack"])
+def test_gradient_split_equals_the_per_query_reference(name):
+    from tests.families.block_checks import ConnectorInput
+    from tests.families.test_gradient_split import check_against_reference
+
+    if name == "qwen3_vl_without_deepstack":
+        (model, processor), hw = tiny_qwen3_vl(deepstack_visual_indexes=()), (64, 96)
+    else:
+        (model, processor), hw = CASES[name][0](), CASES[name][3][0]
+    explainer = RGAE(model, processor)
+    inputs = explainer.prepare(tiny_image(*hw), "a red circle", None)
+    check_against_reference(explainer, inputs, ConnectorInput(model.model.visual.merger, where="input"),
+                            patch_rows=_rows_by_hand(model, inputs))
+
+
+def test_gradient_split_of_the_second_image_equals_the_reference(two_images):
+    from tests.families.block_checks import ConnectorInput
+    from tests.families.test_gradient_split import check_against_reference
+
+    explainer, _, prepared = two_images
+    model = explainer.model
+    check_against_reference(explainer, prepared[1], ConnectorInput(model.model.visual.merger, where="input"),
+                            patch_rows=_rows_by_hand(model, prepared[1], 1))
+
+
+def test_gradient_split_is_refused_for_qwen3_vl_with_deepstack():
+    model, processor = tiny_qwen3_vl()
+    with pytest.raises(ValueError, match=r"q2p_rule='gradient' is not supported for Qwen3VLForConditionalGeneration"
+                                         r" with DeepStack.*\[0\]"):
+        RGAE(model, processor).attribute(tiny_image(64, 96), target="a", q2p_rule="gradient")
