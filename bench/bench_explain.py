@@ -43,7 +43,6 @@ def build(device: str):
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
@@ -51,6 +50,7 @@ def build(device: str):
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     words = [f"w{i}" for i in range(32000 - len(specials))]
@@ -67,7 +67,7 @@ def build(device: str):
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).to(device).eval()
-    ip = CLIPImageProcessor(size={"shortest_edge": 96}, crop_size={"height": 96, "width": 96})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 96}, crop_size={"height": 96, "width": 96})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token="<image>")
     import numpy as np
