@@ -56,8 +56,8 @@ def _object_mask(scene, grid: int = 12, patch: int = 8) -> np.ndarray:
 
 def test_shipped_model_maps_are_no_longer_inverted():
     """The demo scene on shapes-mini-mlp2x_gelu. Uncentered, the features' shared component (~92% of their norm)
-    decides each map's sign: "yellow" comes out all zero and the sentence map is hotter on the background than on
-    the objects. Centered, the objects are hotter and no word's map is empty."""
+    decides each map's sign: the sentence map is hotter on the background than on the objects (on the earlier seed-2
+    model "yellow" came out all zero). Centered, the objects are hotter and no word's map is empty."""
     import deco_models
     from deco_models.data.shapes import caption
     from rgae.commands.demo import PROMPT, demo_scene
@@ -75,7 +75,6 @@ def test_shipped_model_maps_are_no_longer_inverted():
         return float(m[objects].mean() - m[~objects].mean())
 
     raw = explainer.attribute(scene.image, target=caption(scene), prompt=PROMPT, center=False)
-    assert float(raw.patch_map(word="yellow").abs().max()) == 0.0
     assert contrast(raw) < 0
     centered = explainer.attribute(scene.image, target=caption(scene), prompt=PROMPT)
     assert contrast(centered) > 0

@@ -805,7 +805,10 @@ FULL = dict(n_scenes=8000, vision_steps=600, vision_batch=32, llm_steps=250, llm
 # avgpool: conversations opened by the caption only half the time localized better (0.67 / 0.62 against 0.51 / 0.61),
 # and 700 steps suffice (0.59 / 0.59). Q-Former: a longer, gentler stage 1 (at 3e-3 its queries stayed at the
 # text-only loss); it has no localization target, so it gets the shorter schedule.
-PROJECTOR_SETTINGS = {"mlp2x_gelu": {"finetune_lr": 1.5e-3, "seed": 2},
+# Seeds: each projector was trained with two seeds through this recipe (docs/zoo.md, "Seeds"); the one shipped passes
+# the caption sanity gate (0.88) on validation with the higher validation R-GAE pointing game (MLP: seed 1, 0.792,
+# over seed 2, 0.781; avgpool: seed 0, as seed 1 missed the gate).
+PROJECTOR_SETTINGS = {"mlp2x_gelu": {"finetune_lr": 1.5e-3, "seed": 1},
                       "avgpool2_36": {"finetune_steps": 700, "caption_first": 0.5},
                       "qformer2_36": {"finetune_steps": 700, "align_steps": 300, "align_lr": 1e-3}}
 # CI's end-to-end run: every step of the real recipe, at sizes that finish in a few minutes on 2 cores.
