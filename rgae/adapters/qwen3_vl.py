@@ -80,7 +80,7 @@ def qwen3_vl_adapter(model: nn.Module) -> QwenVLAdapter:
 
 FAMILY = Family(
     name="qwen3-vl",
-    model_classes=("Qwen3VLForConditionalGeneration",),
+    model_classes=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
     build=qwen3_vl_adapter,
     connector="patch merger inside the vision tower (16-px patches, 2×2 blocks, LayerNorm + 2-layer MLP) plus "
     "DeepStack mergers whose features are added to the first LLM layers at the image positions; dynamic resolution",

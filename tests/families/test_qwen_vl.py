@@ -29,7 +29,7 @@ from tests.families.qwen_vl_checks import (
     patch_tokens_by_hand,
     vision_records,
 )
-from tests.families.tiny_qwen_vl import tiny_image, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
+from tests.families.tiny_qwen_vl import tiny_image, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen3_vl_moe
 from tests.family_checks import assert_close_relative, changed_rows, full_matrix_text_to_query
 
 #: builder, family name, adapter class, two image sizes of different aspect ratios (whole merge blocks: the
@@ -38,6 +38,8 @@ CASES = {
     "qwen2_vl": (tiny_qwen2_vl, "qwen2-vl", "QwenVLAdapter", [(56, 84), (112, 56)], 14),
     "qwen2_5_vl": (tiny_qwen2_5_vl, "qwen2.5-vl", "Qwen2_5_VLAdapter", [(84, 112), (112, 56)], 14),
     "qwen3_vl": (tiny_qwen3_vl, "qwen3-vl", "Qwen3VLAdapter", [(64, 96), (128, 64)], 16),
+    # Qwen3-VL-MoE (the 30B-A3B / 235B-A22B class): Qwen3-VL's vision side, an LLM of sparse expert MLPs.
+    "qwen3_vl_moe": (tiny_qwen3_vl_moe, "qwen3-vl", "Qwen3VLAdapter", [(64, 96), (128, 64)], 16),
 }
 
 
@@ -421,3 +423,21 @@ def test_gradient_split_is_refused_for_qwen3_vl_with_deepstack():
     with pytest.raises(ValueError, match=r"q2p_rule='gradient' is not supported for Qwen3VLForConditionalGeneration"
                                          r" with DeepStack.*\[0\]"):
         RGAE(model, processor).attribute(tiny_image(64, 96), target="a", q2p_rule="gradient")
+
+
+def test_qwen3_vl_moe_with_the_grouped_experts_kernel_gives_the_float64_maps(monkeypatch):
+    """In float32 the experts run transformers' grouped matmul (what a user's model runs); the maps equal the float64
+    per-expert loop's to float32 precision."""
+    import torch.nn.functional as F
+
+    calls = []
+    grouped = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or grouped(*a, **k))
+    reference, processor = tiny_qwen3_vl_moe()
+    model, _ = tiny_qwen3_vl_moe(dtype=torch.float32)
+    model.config.text_config._experts_implementation = "grouped_mm"
+    image = tiny_image(64, 96)
+    got = RGAE(model, processor).attribute(image, target="a red circle").text_to_patch
+    assert calls, "the grouped experts kernel did not run"
+    expected = RGAE(reference, processor).attribute(image, target="a red circle").text_to_patch
+    assert_close_relative(got.double(), expected, 1e-5)
