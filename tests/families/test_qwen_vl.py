@@ -15,10 +15,12 @@ from rgae.adapters import families, get_adapter
 from rgae.capture import AttentionCaptureError
 from tests.families.block_checks import (
     FILTER_SUPPORT,
+    ConnectorInput,
     _filter_reach,
     _overlapping,
     check_exact_maps,
     check_planted,
+    edit_connector_input,
     plant,
     planted_image,
 )
@@ -350,23 +352,19 @@ def reference_gradcam(model, inputs, patch_rows: torch.Tensor) -> torch.Tensor:
     layout's patches (raster order), w = the target logit's gradient averaged over those rows."""
     seen = {}
 
-    def leaf(module, args):
-        seen["x"] = args[0].detach().requires_grad_(True)
-        return (seen["x"], *args[1:])
+    def leaf(x):
+        seen["x"] = x.detach().requires_grad_(True)
+        return seen["x"]
 
-    handle = model.model.visual.merger.register_forward_pre_hook(leaf)
-    try:
-        with torch.enable_grad():
-            logits = model(**inputs.model_kwargs(), use_cache=False).logits
-    finally:
-        handle.remove()
-    x = seen["x"]
+    with torch.enable_grad(), edit_connector_input(ConnectorInput(model.model.visual.merger, where="input"), leaf):
+        logits = model(**inputs.model_kwargs(), use_cache=False).logits
+    x = seen["x"][0]  # [R, C]: the merger's packed input
     a = x.detach()[patch_rows].double()
     a = a - a.mean(0)
     maps = []
     for pos, tok in zip(inputs.predicting_positions.tolist(), inputs.target_ids.tolist()):
-        (g,) = torch.autograd.grad(logits[0, pos, tok], x, retain_graph=True)
-        maps.append((a * g[patch_rows].double().mean(0)).sum(-1).clamp(min=0))
+        (g,) = torch.autograd.grad(logits[0, pos, tok], seen["x"], retain_graph=True)
+        maps.append((a * g[0, patch_rows].double().mean(0)).sum(-1).clamp(min=0))
     return torch.stack(maps)
 
 
@@ -395,7 +393,6 @@ def test_gradcam_of_one_image_of_several_reads_only_its_rows(two_images):
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_without_deepstack"])
 def test_gradient_split_equals_the_per_query_reference(name):
-    from tests.families.block_checks import ConnectorInput
     from tests.families.test_gradient_split import check_against_reference
 
     if name == "qwen3_vl_without_deepstack":
@@ -409,7 +406,6 @@ def test_gradient_split_equals_the_per_query_reference(name):
 
 
 def test_gradient_split_of_the_second_image_equals_the_reference(two_images):
-    from tests.families.block_checks import ConnectorInput
     from tests.families.test_gradient_split import check_against_reference
 
     explainer, _, prepared = two_images

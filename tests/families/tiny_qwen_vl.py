@@ -134,19 +134,17 @@ def tiny_qwen2_5_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, vi
     return _finish(Qwen2_5_VLForConditionalGeneration(_eager(config)), tok, dtype), processor
 
 
-def tiny_qwen3_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, vision_layers: int = 2,
-                  processor_kwargs: dict | None = None, deepstack_visual_indexes=(0,), max_pixels: int = 32 * 32 * 64):
-    """``(model, processor)`` of a tiny Qwen3-VL: 16-px patches (32-px merge blocks), learned position embeddings
-    interpolated to each grid, DeepStack mergers after the vision layers ``deepstack_visual_indexes`` whose features
-    are added to the LLM's hidden states at the image positions after its first decoder layers."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def _qwen3_vl_parts(text_layers: int, vision_layers: int, processor_kwargs: dict | None, deepstack_visual_indexes,
+                    max_pixels: int):
+    """``(tokenizer, processor, config kwargs)`` that Qwen3-VL and Qwen3-VL-MoE share: the vision tower, DeepStack,
+    the dense text settings and the Qwen3-VL processor."""
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
     tok = qwen_tokenizer()
     image_processor = _image_processor(16, 32 * 32, max_pixels, **{"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                                                                      **(processor_kwargs or {})})
     processor = image_text_processor(Qwen3VLProcessor, image_processor, tok, CHAT_TEMPLATE)
-    config = Qwen3VLConfig(
+    config = dict(
         vision_config=dict(depth=vision_layers, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
                            deepstack_visual_indexes=list(deepstack_visual_indexes)),
@@ -155,6 +153,19 @@ def tiny_qwen3_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, visi
                                           "mrope_interleaved": True}),
         **_token_ids(tok),
     )
+    return tok, processor, config
+
+
+def tiny_qwen3_vl(dtype=torch.float64, seed: int = 0, text_layers: int = 2, vision_layers: int = 2,
+                  processor_kwargs: dict | None = None, deepstack_visual_indexes=(0,), max_pixels: int = 32 * 32 * 64):
+    """``(model, processor)`` of a tiny Qwen3-VL: 16-px patches (32-px merge blocks), learned position embeddings
+    interpolated to each grid, DeepStack mergers after the vision layers ``deepstack_visual_indexes`` whose features
+    are added to the LLM's hidden states at the image positions after its first decoder layers."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok, processor, parts = _qwen3_vl_parts(text_layers, vision_layers, processor_kwargs, deepstack_visual_indexes,
+                                            max_pixels)
+    config = Qwen3VLConfig(**parts)
     torch.manual_seed(seed)
     return _finish(Qwen3VLForConditionalGeneration(_eager(config)), tok, dtype), processor
 
@@ -165,22 +176,11 @@ def tiny_qwen3_vl_moe(dtype=torch.float64, seed: int = 0, text_layers: int = 2, 
     """``(model, processor)`` of a tiny Qwen3-VL-MoE (Qwen3-VL-30B-A3B's class): Qwen3-VL's vision tower, merger and
     DeepStack, and an LLM whose MLPs are sparse mixtures of 4 experts (2 per token); Qwen3-VL's processor."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-    tok = qwen_tokenizer()
-    image_processor = _image_processor(16, 32 * 32, max_pixels, **{"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                                                                     **(processor_kwargs or {})})
-    processor = image_text_processor(Qwen3VLProcessor, image_processor, tok, CHAT_TEMPLATE)
-    config = Qwen3VLMoeConfig(
-        vision_config=dict(depth=vision_layers, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
-                           deepstack_visual_indexes=list(deepstack_visual_indexes)),
-        text_config=dict(**_text_kwargs(tok, text_layers), head_dim=16, num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, decoder_sparse_step=1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                                          "mrope_interleaved": True}),
-        **_token_ids(tok),
-    )
+    tok, processor, parts = _qwen3_vl_parts(text_layers, vision_layers, processor_kwargs, deepstack_visual_indexes,
+                                            max_pixels)
+    parts["text_config"].update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(**parts)
     # The experts' grouped matmul kernel has no float64; the loop over experts (transformers' "eager") computes the
     # same mixture.
     config.text_config._experts_implementation = "eager"
